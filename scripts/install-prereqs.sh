@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what building, testing and the demo need on a Debian-based machine: SoftHSM2, protoc,
+# libclang (for RocksDB's bindings), OpenSSL and OpenSC's pkcs11-tool, plus pkilint in a Python
+# virtual environment under the build cache. Safe to run repeatedly; it installs only what is
+# missing.
+set -euo pipefail
+
+cache_dir="${SIGIL_CACHE_DIR:-$HOME/.cache/sigil}"
+venv="$cache_dir/venv"
+
+missing=()
+command -v softhsm2-util >/dev/null || missing+=(softhsm2)
+command -v protoc >/dev/null || missing+=(protobuf-compiler)
+command -v openssl >/dev/null || missing+=(openssl)
+command -v pkcs11-tool >/dev/null || missing+=(opensc)
+command -v cc >/dev/null || missing+=(build-essential)
+ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
+python3 -m venv --help >/dev/null 2>&1 || missing+=(python3-venv)
+
+if ((${#missing[@]})); then
+    echo "install-prereqs: installing ${missing[*]}"
+    sudo_cmd=()
+    if [[ $(id -u) -ne 0 ]]; then sudo_cmd=(sudo); fi
+    "${sudo_cmd[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if [[ ! -x "$venv/bin/lint_pkix_cert" ]]; then
+    echo "install-prereqs: installing pkilint into $venv"
+    mkdir -p "$cache_dir"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check pkilint
+fi

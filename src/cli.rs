@@ -1,0 +1,201 @@
+//! Command-line interface. The forms of `serve`, `dev`, `issue svid` and `status` are used by
+//! docs and scripts; keep them stable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::Config;
+
+#[derive(Debug, Parser)]
+#[command(name = "sigil", version, about = "HSM-backed intermediate certificate authority for zero-trust networks")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a node.
+    Serve {
+        /// Node configuration file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Generate the intermediate CA key in the HSM, then write a CSR for an offline root or, with
+    /// --dev-root, create a development root in the HSM and install the signed intermediate.
+    Init(InitArgs),
+    /// Manage the installed CA certificates.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Manage HSM tokens.
+    #[command(subcommand)]
+    Hsm(HsmCommand),
+    /// Create (or reuse) a local development deployment under DIR and run its nodes in the
+    /// foreground until SIGINT or SIGTERM.
+    Dev(DevArgs),
+    /// Request certificates from a running node.
+    #[command(subcommand)]
+    Issue(IssueCommand),
+    /// Show the state of a running node.
+    Status {
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON for scripts instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Also generate a self-signed development root in the HSM and install the chain.
+    #[arg(long, conflicts_with = "csr_out")]
+    pub dev_root: bool,
+    /// Where to write the intermediate's CSR (PEM) for an offline root to sign.
+    #[arg(long, required_unless_present = "dev_root")]
+    pub csr_out: Option<PathBuf>,
+    /// Validity of the development root and intermediate.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5y")]
+    pub validity: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Install an intermediate certificate signed by an offline root. The node must be stopped.
+    Install {
+        #[arg(long)]
+        config: PathBuf,
+        /// The intermediate certificate (PEM), optionally followed by further intermediates.
+        #[arg(long)]
+        cert: PathBuf,
+        /// The root certificate(s) (PEM).
+        #[arg(long)]
+        root: PathBuf,
+    },
+    /// Issue a client credential (key, certificate, trust bundle) from the installed CA, for
+    /// bootstrapping administrator access. The node must be stopped.
+    IssueClient {
+        #[arg(long)]
+        config: PathBuf,
+        /// SPIFFE ID of the client.
+        #[arg(long)]
+        spiffe_id: String,
+        /// Folder for cert.pem, key.pem (mode 0600) and bundle.pem.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "30days")]
+        ttl: Duration,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HsmCommand {
+    /// Initialize the token named by the configuration in a free slot and set its user PIN
+    /// (read from the configured PIN file or variable). For SoftHSM and test tokens.
+    InitToken {
+        #[arg(long)]
+        config: PathBuf,
+        /// File holding the security officer PIN to set.
+        #[arg(long)]
+        so_pin_file: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Folder for tokens, configs, credentials and state; reused when it exists.
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Number of nodes to run.
+    #[arg(long, default_value_t = 1)]
+    pub nodes: u64,
+    #[arg(long, default_value = "example.org")]
+    pub trust_domain: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IssueCommand {
+    /// Generate a P-256 key locally, request an X509-SVID, and write svid.pem (leaf, then
+    /// intermediates), svid.key (mode 0600) and bundle.pem into OUT.
+    Svid {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        spiffe_id: String,
+        /// DNS name to include; repeat for several.
+        #[arg(long = "dns")]
+        dns: Vec<String>,
+        /// Requested lifetime, e.g. 30m or 2h; the node's default when omitted.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// How to reach a node: a dev folder, or an address with explicit credentials.
+#[derive(Debug, Clone, Args)]
+pub struct Target {
+    /// Folder created by `sigil dev`; uses its first node and admin credential.
+    #[arg(long, conflicts_with_all = ["server", "cert", "key", "ca"])]
+    pub dev_dir: Option<PathBuf>,
+    /// Node gRPC address, e.g. 127.0.0.1:8443.
+    #[arg(long, requires_all = ["cert", "key", "ca"])]
+    pub server: Option<String>,
+    /// Client certificate chain (PEM).
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// Root certificates that verify the node (PEM).
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+}
+
+/// Runs a parsed command line.
+///
+/// # Errors
+///
+/// Returns the failure of the command, naming the step.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve { config } => {
+            let config = Config::load(&config)?;
+            crate::logging::init(config.log.format, &config.log.level);
+            runtime()?.block_on(crate::server::serve(config))
+        }
+        Command::Init(args) => {
+            crate::logging::init(crate::config::LogFormat::Human, "warn");
+            crate::setup::init(&args)
+        }
+        Command::Ca(CaCommand::Install { config, cert, root }) => crate::setup::install(&config, &cert, &root),
+        Command::Ca(CaCommand::IssueClient { config, spiffe_id, out, ttl }) => {
+            runtime()?.block_on(crate::setup::issue_client(&config, &spiffe_id, &out, ttl))
+        }
+        Command::Hsm(HsmCommand::InitToken { config, so_pin_file }) => crate::setup::init_token(&config, &so_pin_file),
+        Command::Dev(args) => {
+            crate::logging::init(crate::config::LogFormat::Human, "info");
+            runtime()?.block_on(crate::dev::run(&args))
+        }
+        Command::Issue(IssueCommand::Svid { target, spiffe_id, dns, ttl, out }) => {
+            runtime()?.block_on(crate::client::issue_svid(&target, &spiffe_id, &dns, ttl, &out))
+        }
+        Command::Status { target, json } => runtime()?.block_on(crate::client::status(&target, json)),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start async runtime")
+}
+
+/// Parses `host:port` into a socket address for messages and checks.
+pub fn parse_address(address: &str) -> anyhow::Result<SocketAddr> {
+    address.parse().with_context(|| format!("invalid address {address:?}; expected IP:PORT"))
+}

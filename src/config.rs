@@ -1,0 +1,514 @@
+//! The node configuration file (TOML), and its validation.
+//!
+//! Secrets are never part of this file: the HSM PIN is read from a file or an environment variable
+//! that the configuration names.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sigil_hsm::{HsmConfig, KeyType, Pin, TokenSelector};
+
+use crate::policy::{DnsPattern, SpiffeIdPattern};
+use crate::spiffe_id::{SpiffeId, check_trust_domain};
+
+/// Longest TTL any configuration may allow; short-lived certificates are the point of Sigil.
+pub const MAX_CONFIGURABLE_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Node identity within the cluster, 1 or more.
+    pub node_id: u64,
+    pub trust_domain: String,
+    /// Folder for the ledger and other node state.
+    pub data_dir: PathBuf,
+    pub listen: ListenConfig,
+    pub hsm: HsmSection,
+    pub ca: CaSection,
+    #[serde(default)]
+    pub issuance: IssuanceSection,
+    #[serde(default)]
+    pub audit: AuditSection,
+    #[serde(default)]
+    pub log: LogSection,
+    #[serde(default)]
+    pub policy: PolicySection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    /// Address of the mTLS gRPC listener.
+    pub grpc: SocketAddr,
+    /// Address of the plain-HTTP listener for /metrics, /healthz and /readyz.
+    pub metrics: SocketAddr,
+    /// DNS names in the node's own TLS server certificate.
+    #[serde(default = "default_tls_dns_names")]
+    pub tls_dns_names: Vec<String>,
+    /// IP addresses in the node's own TLS server certificate.
+    #[serde(default = "default_tls_ip_addresses")]
+    pub tls_ip_addresses: Vec<IpAddr>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HsmSection {
+    /// Path of the PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so.
+    pub module: PathBuf,
+    pub token_label: Option<String>,
+    pub token_serial: Option<String>,
+    /// File holding the user PIN; one trailing newline is ignored.
+    pub pin_file: Option<PathBuf>,
+    /// Environment variable holding the user PIN.
+    pub pin_env: Option<String>,
+    /// Sessions in the signing pool; 0 means two per CPU core.
+    #[serde(default)]
+    pub sessions: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaSection {
+    /// CKA_LABEL of the intermediate CA's private key in the HSM.
+    pub key_label: String,
+    /// Key type that `sigil init` generates: ec-p256, ec-p384 or rsa-3072.
+    #[serde(default = "default_key_type")]
+    pub key_type: String,
+    /// Subject common name of the intermediate CA that `sigil init` requests.
+    #[serde(default = "default_ca_common_name")]
+    pub common_name: String,
+    /// Organization name written into the subject of issued certificates.
+    #[serde(default = "default_organization")]
+    pub organization: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuanceSection {
+    /// TTL when a request asks for none.
+    #[serde(with = "humantime_serde", default = "default_ttl")]
+    pub default_ttl: Duration,
+    /// How far notBefore is set back to tolerate clock skew between machines.
+    #[serde(with = "humantime_serde", default = "default_backdate")]
+    pub backdate: Duration,
+    /// TTL of the node's own TLS server certificate, which it re-issues at half life.
+    #[serde(with = "humantime_serde", default = "default_node_cert_ttl")]
+    pub node_cert_ttl: Duration,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    /// JSON-lines file for audit events; none disables the file (events still go to the log).
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter such as "info" or "sigil=debug,info"; RUST_LOG overrides it.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    #[serde(default)]
+    pub mode: PolicyMode,
+    #[serde(default)]
+    pub callers: Vec<CallerPolicy>,
+}
+
+/// Enforce refuses what policy denies; monitor logs and audits the would-be denial and issues.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyMode {
+    #[default]
+    Enforce,
+    Monitor,
+}
+
+/// What one caller, named by the SPIFFE ID in its client certificate, may request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallerPolicy {
+    pub spiffe_id: String,
+    /// Patterns of SPIFFE IDs the caller may request: `*` matches one path segment, a final
+    /// `/**` one or more.
+    #[serde(default)]
+    pub allowed_spiffe_ids: Vec<String>,
+    /// Patterns of DNS names: `*` matches one label, a leading `**.` one or more.
+    #[serde(default)]
+    pub allowed_dns_names: Vec<String>,
+    #[serde(with = "humantime_serde", default = "default_max_ttl")]
+    pub max_ttl: Duration,
+    /// Sustained issuance rate, certificates per second.
+    #[serde(default = "default_rate")]
+    pub rate_per_second: f64,
+    /// Requests allowed at once above the sustained rate.
+    #[serde(default = "default_burst")]
+    pub rate_burst: u32,
+    /// Whether the caller may use the Admin service.
+    #[serde(default)]
+    pub admin: bool,
+}
+
+fn default_tls_dns_names() -> Vec<String> {
+    vec!["localhost".to_owned()]
+}
+fn default_tls_ip_addresses() -> Vec<IpAddr> {
+    vec![IpAddr::from([127, 0, 0, 1])]
+}
+fn default_key_type() -> String {
+    "ec-p256".to_owned()
+}
+fn default_ca_common_name() -> String {
+    "Sigil Intermediate CA".to_owned()
+}
+fn default_organization() -> String {
+    "Sigil".to_owned()
+}
+fn default_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_backdate() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_node_cert_ttl() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+fn default_max_ttl() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn default_rate() -> f64 {
+    100.0
+}
+fn default_burst() -> u32 {
+    200
+}
+
+impl Default for IssuanceSection {
+    fn default() -> Self {
+        IssuanceSection {
+            default_ttl: default_ttl(),
+            backdate: default_backdate(),
+            node_cert_ttl: default_node_cert_ttl(),
+        }
+    }
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection { format: LogFormat::default(), level: default_log_level() }
+    }
+}
+
+/// A configuration value that failed validation.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("parse config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config value {key} = {value}: {reason}")]
+    Invalid { key: String, value: String, reason: String },
+}
+
+/// Formats a duration as whole seconds, e.g. "7776000s", which reads unambiguously in errors.
+fn seconds(duration: Duration) -> String {
+    format!("{}s", duration.as_secs())
+}
+
+fn invalid(key: impl Into<String>, value: impl std::fmt::Debug, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), value: format!("{value:?}"), reason: reason.into() }
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    ///
+    /// # Errors
+    ///
+    /// Names the file for I/O and syntax errors, and the key and value for invalid settings.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let config: Config = toml::from_str(&text)
+            .map_err(|error| ConfigError::Parse { path: path.to_owned(), message: error.to_string() })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every invariant that serde cannot express.
+    ///
+    /// # Errors
+    ///
+    /// Returns the first invalid setting, naming its key and value.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node_id == 0 {
+            return Err(invalid("node_id", self.node_id, "node IDs start at 1"));
+        }
+        check_trust_domain(&self.trust_domain)
+            .map_err(|error| invalid("trust_domain", &self.trust_domain, error.to_string()))?;
+        self.validate_hsm()?;
+        self.validate_ca()?;
+        self.validate_issuance()?;
+        self.validate_policy()?;
+        Ok(())
+    }
+
+    fn validate_hsm(&self) -> Result<(), ConfigError> {
+        let hsm = &self.hsm;
+        match (&hsm.token_label, &hsm.token_serial) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "hsm.token_serial",
+                    &hsm.token_serial,
+                    "set token_label or token_serial, not both",
+                ));
+            }
+            (None, None) => return Err(invalid("hsm.token_label", "", "set token_label or token_serial")),
+            _ => {}
+        }
+        match (&hsm.pin_file, &hsm.pin_env) {
+            (Some(_), Some(_)) => Err(invalid("hsm.pin_env", &hsm.pin_env, "set pin_file or pin_env, not both")),
+            (None, None) => Err(invalid("hsm.pin_file", "", "set pin_file or pin_env")),
+            _ => Ok(()),
+        }
+    }
+
+    fn validate_ca(&self) -> Result<(), ConfigError> {
+        if self.ca.key_label.is_empty() {
+            return Err(invalid("ca.key_label", &self.ca.key_label, "the key label must not be empty"));
+        }
+        self.ca_key_type()?;
+        Ok(())
+    }
+
+    fn validate_issuance(&self) -> Result<(), ConfigError> {
+        let issuance = &self.issuance;
+        if issuance.default_ttl.is_zero() || issuance.default_ttl > MAX_CONFIGURABLE_TTL {
+            return Err(invalid(
+                "issuance.default_ttl",
+                seconds(issuance.default_ttl),
+                "must be more than 0 and at most 30 days",
+            ));
+        }
+        if issuance.backdate > Duration::from_secs(3600) {
+            return Err(invalid("issuance.backdate", seconds(issuance.backdate), "must be at most 1 hour"));
+        }
+        if issuance.node_cert_ttl < Duration::from_secs(600) || issuance.node_cert_ttl > MAX_CONFIGURABLE_TTL {
+            return Err(invalid(
+                "issuance.node_cert_ttl",
+                seconds(issuance.node_cert_ttl),
+                "must be between 10 minutes and 30 days",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_policy(&self) -> Result<(), ConfigError> {
+        let mut seen = HashSet::new();
+        for (index, caller) in self.policy.callers.iter().enumerate() {
+            let key = |field: &str| format!("policy.callers[{index}].{field}");
+
+            let id = SpiffeId::parse(&caller.spiffe_id)
+                .map_err(|error| invalid(key("spiffe_id"), &caller.spiffe_id, error.to_string()))?;
+            if !seen.insert(id.as_str().to_owned()) {
+                return Err(invalid(
+                    key("spiffe_id"),
+                    &caller.spiffe_id,
+                    "another caller entry has the same SPIFFE ID",
+                ));
+            }
+            for pattern in &caller.allowed_spiffe_ids {
+                let parsed = SpiffeIdPattern::parse(pattern)
+                    .map_err(|reason| invalid(key("allowed_spiffe_ids"), pattern, reason))?;
+                if parsed.trust_domain() != self.trust_domain {
+                    return Err(invalid(
+                        key("allowed_spiffe_ids"),
+                        pattern,
+                        format!("the pattern's trust domain differs from trust_domain {:?}", self.trust_domain),
+                    ));
+                }
+            }
+            for pattern in &caller.allowed_dns_names {
+                DnsPattern::parse(pattern).map_err(|reason| invalid(key("allowed_dns_names"), pattern, reason))?;
+            }
+            if caller.max_ttl.is_zero() || caller.max_ttl > MAX_CONFIGURABLE_TTL {
+                return Err(invalid(
+                    key("max_ttl"),
+                    seconds(caller.max_ttl),
+                    "must be more than 0 and at most 30 days",
+                ));
+            }
+            if !(caller.rate_per_second.is_finite() && caller.rate_per_second > 0.0) {
+                return Err(invalid(key("rate_per_second"), caller.rate_per_second, "must be a positive number"));
+            }
+            if caller.rate_burst == 0 {
+                return Err(invalid(key("rate_burst"), caller.rate_burst, "must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Returns the configured CA key type.
+    ///
+    /// # Errors
+    ///
+    /// Names `ca.key_type` and its value when it is not one of the supported types.
+    pub fn ca_key_type(&self) -> Result<KeyType, ConfigError> {
+        self.ca
+            .key_type
+            .parse::<KeyType>()
+            .map_err(|_| invalid("ca.key_type", &self.ca.key_type, "expected ec-p256, ec-p384 or rsa-3072"))
+    }
+
+    /// Returns the settings `sigil-hsm` needs to open the token.
+    pub fn hsm_config(&self) -> HsmConfig {
+        let token = match (&self.hsm.token_label, &self.hsm.token_serial) {
+            (_, Some(serial)) => TokenSelector::Serial(serial.clone()),
+            (Some(label), None) => TokenSelector::Label(label.clone()),
+            // validate() rejects a configuration with neither; an empty label finds no token.
+            (None, None) => TokenSelector::Label(String::new()),
+        };
+        HsmConfig { module: self.hsm.module.clone(), token, sessions: self.hsm.sessions }
+    }
+
+    /// Reads the HSM PIN from the configured file or environment variable.
+    ///
+    /// # Errors
+    ///
+    /// Names the file or variable, never the PIN.
+    pub fn hsm_pin(&self) -> Result<Pin, sigil_hsm::HsmError> {
+        match (&self.hsm.pin_file, &self.hsm.pin_env) {
+            (Some(path), _) => Pin::from_file(path),
+            (None, Some(var)) => Pin::from_env(var),
+            (None, None) => Pin::from_env("SIGIL_HSM_PIN"),
+        }
+    }
+
+    /// Returns the path of the node's ledger database.
+    pub fn ledger_path(&self) -> PathBuf {
+        self.data_dir.join("ledger")
+    }
+
+    /// Returns the SPIFFE ID the node puts in its own TLS certificate.
+    pub fn node_spiffe_id(&self) -> String {
+        format!("spiffe://{}/sigil/node/{}", self.trust_domain, self.node_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VALID: &str = r#"
+node_id = 1
+trust_domain = "example.org"
+data_dir = "/tmp/sigil"
+
+[listen]
+grpc = "127.0.0.1:8443"
+metrics = "127.0.0.1:9090"
+
+[hsm]
+module = "/usr/lib/softhsm/libsofthsm2.so"
+token_label = "sigil"
+pin_env = "SIGIL_HSM_PIN"
+
+[ca]
+key_label = "sigil-intermediate"
+
+[[policy.callers]]
+spiffe_id = "spiffe://example.org/admin"
+allowed_spiffe_ids = ["spiffe://example.org/**"]
+allowed_dns_names = ["*.example.org"]
+max_ttl = "2h"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: "test.toml".into(), message: e.to_string() })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    #[test]
+    fn valid_config_loads_with_defaults() {
+        let config = parse(VALID).expect("valid");
+        assert_eq!(config.issuance.default_ttl, Duration::from_secs(3600));
+        assert_eq!(config.issuance.backdate, Duration::from_secs(30));
+        assert_eq!(config.policy.mode, PolicyMode::Enforce);
+        assert_eq!(config.policy.callers[0].max_ttl, Duration::from_secs(7200));
+        assert_eq!(config.node_spiffe_id(), "spiffe://example.org/sigil/node/1");
+    }
+
+    #[test]
+    fn invalid_values_name_key_and_value() {
+        let cases = [
+            ("node id zero", "node_id = 1", "node_id = 0", "node_id", "0"),
+            (
+                "trust domain",
+                r#"trust_domain = "example.org""#,
+                r#"trust_domain = "Example.org""#,
+                "trust_domain",
+                "Example.org",
+            ),
+            (
+                "key type",
+                r#"key_label = "sigil-intermediate""#,
+                "key_label = \"k\"\nkey_type = \"ec-p521\"",
+                "ca.key_type",
+                "ec-p521",
+            ),
+            (
+                "caller id",
+                r#"spiffe_id = "spiffe://example.org/admin""#,
+                r#"spiffe_id = "spiffe://example.org/admin/""#,
+                "policy.callers[0].spiffe_id",
+                "admin/",
+            ),
+            (
+                "pattern domain",
+                r#"["spiffe://example.org/**"]"#,
+                r#"["spiffe://other.org/**"]"#,
+                "allowed_spiffe_ids",
+                "other.org",
+            ),
+            ("dns pattern", r#"["*.example.org"]"#, r#"["a.*.example.org"]"#, "allowed_dns_names", "a.*.example.org"),
+            ("max ttl", r#"max_ttl = "2h""#, r#"max_ttl = "90days""#, "max_ttl", "7776000s"),
+            ("both pins", r#"pin_env = "SIGIL_HSM_PIN""#, "pin_env = \"X\"\npin_file = \"/x\"", "hsm.pin_env", "X"),
+        ];
+        for (name, from, to, key, value) in cases {
+            let text = VALID.replacen(from, to, 1);
+            assert_ne!(text, VALID, "{name}: replacement did not apply");
+            let error = parse(&text).expect_err(name).to_string();
+            assert!(error.contains(key), "{name}: {error:?} lacks key {key:?}");
+            assert!(error.contains(value), "{name}: {error:?} lacks value {value:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_by_name() {
+        let text = VALID.replacen("[listen]", "[listen]\ngrcp = \"127.0.0.1:1\"", 1);
+        let error = parse(&text).expect_err("unknown key").to_string();
+        assert!(error.contains("grcp"), "{error}");
+    }
+}

@@ -1,0 +1,271 @@
+//! Checks on a PKCS#10 certificate signing request, in this order: size, parse, key type and size,
+//! self-signature, then the names. The key type is checked before the signature because the
+//! verifier depends on it: an unsupported key is named as such instead of failing as a bad
+//! signature. Only the public key and the requested names are taken from a CSR; the profile
+//! decides every extension of the certificate.
+
+use std::fmt;
+
+use ring::signature::{self, UnparsedPublicKey, VerificationAlgorithm};
+use x509_parser::certification_request::X509CertificationRequest;
+use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::oid_registry::{
+    OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION, OID_PKCS1_SHA256WITHRSA,
+    OID_PKCS1_SHA384WITHRSA, OID_PKCS1_SHA512WITHRSA, OID_SIG_ECDSA_WITH_SHA256, OID_SIG_ECDSA_WITH_SHA384,
+    OID_SIG_ED25519,
+};
+use x509_parser::prelude::FromDer;
+
+use crate::policy::check_dns_name;
+use crate::spiffe_id::SpiffeId;
+
+/// Largest CSR accepted, in bytes of DER or PEM.
+pub const MAX_CSR_BYTES: usize = 64 * 1024;
+
+const MIN_RSA_BITS: usize = 2048;
+const MAX_RSA_BITS: usize = 4096;
+
+/// The kind and size of a CSR's public key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    EcP256,
+    EcP384,
+    Rsa { bits: usize },
+    Ed25519,
+}
+
+impl KeyKind {
+    pub fn is_rsa(self) -> bool {
+        matches!(self, KeyKind::Rsa { .. })
+    }
+}
+
+impl fmt::Display for KeyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyKind::EcP256 => f.write_str("EC P-256"),
+            KeyKind::EcP384 => f.write_str("EC P-384"),
+            KeyKind::Rsa { bits } => write!(f, "RSA {bits}"),
+            KeyKind::Ed25519 => f.write_str("Ed25519"),
+        }
+    }
+}
+
+/// A CSR that passed every check that does not depend on the caller.
+#[derive(Debug, Clone)]
+pub struct CheckedCsr {
+    /// The SubjectPublicKeyInfo, DER, exactly as the CSR carried it.
+    pub spki_der: Vec<u8>,
+    pub key_kind: KeyKind,
+    pub spiffe_id: SpiffeId,
+    pub dns_names: Vec<String>,
+}
+
+/// Why a CSR was rejected. Every message names the bad value and what is accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CsrError {
+    #[error("CSR is empty")]
+    Empty,
+    #[error("CSR is {size} bytes, above the maximum of {MAX_CSR_BYTES}")]
+    TooLarge { size: usize },
+    #[error("CSR is not valid PEM: {reason}")]
+    Pem { reason: String },
+    #[error("CSR is not a valid DER PKCS#10 request: {reason}")]
+    Der { reason: String },
+    #[error("CSR key type {key} is not supported; accepted: EC P-256, EC P-384, RSA 2048 to 4096 bits, Ed25519")]
+    UnsupportedKey { key: String },
+    #[error("CSR signature algorithm {algorithm} is not supported for a {key} key")]
+    UnsupportedSignature { algorithm: String, key: KeyKind },
+    #[error(
+        "CSR signature does not verify with the CSR's own {key} key (is it DER-encoded and over the request info?)"
+    )]
+    BadSignature { key: KeyKind },
+    #[error("CSR extension request cannot be parsed: {reason}")]
+    BadExtensions { reason: String },
+    #[error("CSR must have exactly one URI SAN with the SPIFFE ID, found {count}: {uris:?}")]
+    UriSanCount { count: usize, uris: Vec<String> },
+    #[error("CSR URI SAN {uri:?} is not a SPIFFE ID: {reason}")]
+    BadSpiffeId { uri: String, reason: String },
+    #[error("CSR SPIFFE ID {id} is in trust domain {found:?}, but this CA serves {expected:?}")]
+    WrongTrustDomain { id: String, found: String, expected: String },
+    #[error("CSR DNS SAN {name:?} is invalid: {reason}")]
+    BadDnsName { name: String, reason: String },
+    #[error("CSR has a {kind} SAN {value:?}; an X509-SVID may carry only one URI SAN and DNS names")]
+    UnsupportedSan { kind: &'static str, value: String },
+}
+
+/// Runs every caller-independent check on `input`, which may be DER or PEM.
+///
+/// # Errors
+///
+/// Returns the first failed check.
+pub fn check_csr(input: &[u8], trust_domain: &str) -> Result<CheckedCsr, CsrError> {
+    if input.is_empty() {
+        return Err(CsrError::Empty);
+    }
+    if input.len() > MAX_CSR_BYTES {
+        return Err(CsrError::TooLarge { size: input.len() });
+    }
+
+    let der = decode_pem_if_present(input)?;
+    let (rest, csr) = X509CertificationRequest::from_der(&der).map_err(|e| CsrError::Der { reason: e.to_string() })?;
+    if !rest.is_empty() {
+        return Err(CsrError::Der { reason: format!("{} trailing bytes after the request", rest.len()) });
+    }
+
+    let info = &csr.certification_request_info;
+    let key_kind = classify_key(info.subject_pki.algorithm.algorithm.clone(), &info.subject_pki)?;
+    verify_signature(&csr, key_kind)?;
+    let (spiffe_id, dns_names) = requested_names(&csr, trust_domain)?;
+
+    Ok(CheckedCsr { spki_der: info.subject_pki.raw.to_vec(), key_kind, spiffe_id, dns_names })
+}
+
+fn decode_pem_if_present(input: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, CsrError> {
+    let trimmed = input.trim_ascii_start();
+    if !trimmed.starts_with(b"-----BEGIN") {
+        return Ok(std::borrow::Cow::Borrowed(input));
+    }
+    let block = pem::parse(trimmed).map_err(|e| CsrError::Pem { reason: e.to_string() })?;
+    match block.tag() {
+        "CERTIFICATE REQUEST" | "NEW CERTIFICATE REQUEST" => Ok(std::borrow::Cow::Owned(block.into_contents())),
+        other => Err(CsrError::Pem { reason: format!("expected a CERTIFICATE REQUEST block, found {other:?}") }),
+    }
+}
+
+fn classify_key(
+    algorithm: x509_parser::der_parser::oid::Oid<'_>,
+    spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>,
+) -> Result<KeyKind, CsrError> {
+    if algorithm == OID_KEY_TYPE_EC_PUBLIC_KEY {
+        let curve = spki.algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok());
+        return match curve {
+            Some(c) if c == OID_EC_P256 => Ok(KeyKind::EcP256),
+            Some(c) if c == OID_NIST_EC_P384 => Ok(KeyKind::EcP384),
+            Some(c) => Err(CsrError::UnsupportedKey { key: format!("EC {}", curve_name(&c.to_id_string())) }),
+            None => Err(CsrError::UnsupportedKey { key: "EC without a named curve".to_owned() }),
+        };
+    }
+    if algorithm == OID_PKCS1_RSAENCRYPTION {
+        let bits = rsa_modulus_bits(spki)?;
+        if !(MIN_RSA_BITS..=MAX_RSA_BITS).contains(&bits) {
+            return Err(CsrError::UnsupportedKey { key: format!("RSA {bits}") });
+        }
+        return Ok(KeyKind::Rsa { bits });
+    }
+    if algorithm == OID_SIG_ED25519 {
+        return Ok(KeyKind::Ed25519);
+    }
+    Err(CsrError::UnsupportedKey { key: key_algorithm_name(&algorithm.to_id_string()) })
+}
+
+fn rsa_modulus_bits(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<usize, CsrError> {
+    let parsed = spki.parsed().map_err(|e| CsrError::Der { reason: format!("RSA public key: {e}") })?;
+    let x509_parser::public_key::PublicKey::RSA(rsa) = parsed else {
+        return Err(CsrError::Der { reason: "RSA public key is malformed".to_owned() });
+    };
+    let modulus = rsa.modulus;
+    let Some(first) = modulus.iter().position(|&b| b != 0) else {
+        return Ok(0);
+    };
+    let significant = &modulus[first..];
+    Ok(significant.len() * 8 - significant[0].leading_zeros() as usize)
+}
+
+fn curve_name(oid: &str) -> String {
+    match oid {
+        "1.3.132.0.10" => "secp256k1".to_owned(),
+        "1.3.132.0.35" => "P-521".to_owned(),
+        "1.3.132.0.33" => "P-224".to_owned(),
+        "1.2.840.10045.3.1.1" => "P-192".to_owned(),
+        "1.3.36.3.3.2.8.1.1.7" => "brainpoolP256r1".to_owned(),
+        other => format!("curve {other}"),
+    }
+}
+
+fn key_algorithm_name(oid: &str) -> String {
+    match oid {
+        "1.3.101.113" => "Ed448".to_owned(),
+        "1.3.101.110" => "X25519".to_owned(),
+        "1.2.840.113549.1.1.10" => "RSASSA-PSS".to_owned(),
+        "1.2.840.10040.4.1" => "DSA".to_owned(),
+        other => format!("algorithm {other}"),
+    }
+}
+
+fn verify_signature(csr: &X509CertificationRequest<'_>, key: KeyKind) -> Result<(), CsrError> {
+    let oid = &csr.signature_algorithm.algorithm;
+    let algorithm: &'static dyn VerificationAlgorithm = match key {
+        KeyKind::EcP256 if *oid == OID_SIG_ECDSA_WITH_SHA256 => &signature::ECDSA_P256_SHA256_ASN1,
+        KeyKind::EcP256 if *oid == OID_SIG_ECDSA_WITH_SHA384 => &signature::ECDSA_P256_SHA384_ASN1,
+        KeyKind::EcP384 if *oid == OID_SIG_ECDSA_WITH_SHA384 => &signature::ECDSA_P384_SHA384_ASN1,
+        KeyKind::EcP384 if *oid == OID_SIG_ECDSA_WITH_SHA256 => &signature::ECDSA_P384_SHA256_ASN1,
+        KeyKind::Rsa { .. } if *oid == OID_PKCS1_SHA256WITHRSA => &signature::RSA_PKCS1_2048_8192_SHA256,
+        KeyKind::Rsa { .. } if *oid == OID_PKCS1_SHA384WITHRSA => &signature::RSA_PKCS1_2048_8192_SHA384,
+        KeyKind::Rsa { .. } if *oid == OID_PKCS1_SHA512WITHRSA => &signature::RSA_PKCS1_2048_8192_SHA512,
+        KeyKind::Ed25519 if *oid == OID_SIG_ED25519 => &signature::ED25519,
+        _ => return Err(CsrError::UnsupportedSignature { algorithm: oid.to_id_string(), key }),
+    };
+
+    let info = &csr.certification_request_info;
+    let public_key = UnparsedPublicKey::new(algorithm, &*info.subject_pki.subject_public_key.data);
+    public_key.verify(info.raw, &csr.signature_value.data).map_err(|_| CsrError::BadSignature { key })
+}
+
+fn requested_names(
+    csr: &X509CertificationRequest<'_>,
+    trust_domain: &str,
+) -> Result<(SpiffeId, Vec<String>), CsrError> {
+    let mut uris = Vec::new();
+    let mut dns_names = Vec::new();
+
+    // x509-parser reports an extension it cannot parse as UnsupportedExtension or ParseError.
+    for extension in csr.requested_extensions().into_iter().flatten() {
+        match extension {
+            ParsedExtension::SubjectAlternativeName(san) => {
+                for name in &san.general_names {
+                    collect_name(name, &mut uris, &mut dns_names)?;
+                }
+            }
+            ParsedExtension::ParseError { error } => {
+                return Err(CsrError::BadExtensions { reason: error.to_string() });
+            }
+            _ => {}
+        }
+    }
+
+    if uris.len() != 1 {
+        return Err(CsrError::UriSanCount { count: uris.len(), uris });
+    }
+    let uri = uris.remove(0);
+    let spiffe_id =
+        SpiffeId::parse(&uri).map_err(|e| CsrError::BadSpiffeId { uri: uri.clone(), reason: e.to_string() })?;
+    if spiffe_id.trust_domain() != trust_domain {
+        return Err(CsrError::WrongTrustDomain {
+            id: spiffe_id.to_string(),
+            found: spiffe_id.trust_domain().to_owned(),
+            expected: trust_domain.to_owned(),
+        });
+    }
+    for name in &dns_names {
+        check_dns_name(name).map_err(|reason| CsrError::BadDnsName { name: name.clone(), reason })?;
+    }
+    dns_names.sort();
+    dns_names.dedup();
+    Ok((spiffe_id, dns_names))
+}
+
+fn collect_name(name: &GeneralName<'_>, uris: &mut Vec<String>, dns_names: &mut Vec<String>) -> Result<(), CsrError> {
+    match name {
+        GeneralName::URI(uri) => uris.push((*uri).to_owned()),
+        GeneralName::DNSName(dns) => dns_names.push((*dns).to_owned()),
+        GeneralName::IPAddress(bytes) => {
+            return Err(CsrError::UnsupportedSan { kind: "IP address", value: hex::encode(bytes) });
+        }
+        GeneralName::RFC822Name(email) => {
+            return Err(CsrError::UnsupportedSan { kind: "email", value: (*email).to_owned() });
+        }
+        other => return Err(CsrError::UnsupportedSan { kind: "other", value: format!("{other:?}") }),
+    }
+    Ok(())
+}

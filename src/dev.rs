@@ -1,0 +1,358 @@
+//! `sigil dev`: a local deployment on SoftHSM under one folder, for trying Sigil and for tests.
+//!
+//! Layout of DIR: `softhsm2.conf` and `tokens/` (one SoftHSM token per node), `nodes/<id>/`
+//! (`sigil.toml`, `pin` and `so-pin` files with mode 0600, `data/`, `audit.jsonl`, `node.log`,
+//! `pid` while running), `client/` (the admin credential), `bundle.pem` and, while the nodes
+//! serve, `endpoints.json`.
+
+use std::io::{Read as _, Write as _};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use tracing::{info, warn};
+
+use crate::cli::DevArgs;
+use crate::client::{Endpoints, NodeEndpoint};
+use crate::config::{
+    AuditSection, CaSection, CallerPolicy, Config, HsmSection, IssuanceSection, ListenConfig, LogSection, PolicyMode,
+    PolicySection,
+};
+use crate::policy::DnsPattern;
+use crate::setup::write_private;
+use crate::spiffe_id::check_trust_domain;
+
+/// Path of the SoftHSM2 module on Debian and Ubuntu.
+pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+/// How long a node may take from start to ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a node may take to stop after SIGTERM before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Creates the deployment if needed, starts its nodes, and waits for SIGINT or SIGTERM.
+///
+/// # Errors
+///
+/// Fails when set-up fails, a node does not become ready, or a node is already running.
+pub async fn run(args: &DevArgs) -> anyhow::Result<()> {
+    if args.nodes != 1 {
+        bail!("--nodes {} is not supported yet: this version runs a single node; use --nodes 1", args.nodes);
+    }
+    check_trust_domain(&args.trust_domain).context("invalid --trust-domain")?;
+    std::fs::create_dir_all(&args.dir).with_context(|| format!("create {}", args.dir.display()))?;
+    let dir = std::fs::canonicalize(&args.dir).with_context(|| format!("resolve {}", args.dir.display()))?;
+    let layout = Layout { dir: dir.clone() };
+
+    let mut configs = Vec::new();
+    for id in 1..=args.nodes {
+        configs.push(layout.ensure_node(id, &args.trust_domain)?);
+    }
+    let _ = std::fs::remove_file(dir.join("endpoints.json"));
+
+    let mut nodes = Vec::new();
+    for config in &configs {
+        match layout.start_node(config) {
+            Ok(child) => nodes.push((config.node_id, child)),
+            Err(error) => {
+                stop_nodes(&layout, &mut nodes);
+                return Err(error);
+            }
+        }
+    }
+    for (config, (_, child)) in configs.iter().zip(nodes.iter_mut()) {
+        if let Err(error) = wait_until_ready(config, child, &layout.node_dir(config.node_id).join("node.log")) {
+            stop_nodes(&layout, &mut nodes);
+            return Err(error);
+        }
+    }
+
+    let endpoints = Endpoints {
+        trust_domain: args.trust_domain.clone(),
+        nodes: configs
+            .iter()
+            .map(|c| NodeEndpoint {
+                id: c.node_id,
+                grpc: c.listen.grpc.to_string(),
+                metrics: c.listen.metrics.to_string(),
+            })
+            .collect(),
+    };
+    std::fs::write(dir.join("endpoints.json"), serde_json::to_string_pretty(&endpoints)? + "\n")
+        .context("write endpoints.json")?;
+    print_summary(&dir, &endpoints);
+
+    let outcome = wait_for_stop(&mut nodes).await;
+    stop_nodes(&layout, &mut nodes);
+    let _ = std::fs::remove_file(dir.join("endpoints.json"));
+    info!("dev deployment stopped");
+    outcome
+}
+
+struct Layout {
+    dir: PathBuf,
+}
+
+impl Layout {
+    fn node_dir(&self, id: u64) -> PathBuf {
+        self.dir.join("nodes").join(id.to_string())
+    }
+
+    fn softhsm_conf(&self) -> PathBuf {
+        self.dir.join("softhsm2.conf")
+    }
+
+    /// Creates node `id` (token, config, CA, admin credential) unless its config exists.
+    fn ensure_node(&self, id: u64, trust_domain: &str) -> anyhow::Result<Config> {
+        let node_dir = self.node_dir(id);
+        let config_path = node_dir.join("sigil.toml");
+        if config_path.exists() {
+            let config = Config::load(&config_path)?;
+            if config.trust_domain != trust_domain {
+                bail!(
+                    "{} was created for trust domain {:?}, not {trust_domain:?}; use another --dir",
+                    self.dir.display(),
+                    config.trust_domain
+                );
+            }
+            info!(node_id = id, "reusing existing dev node");
+            return Ok(config);
+        }
+
+        info!(node_id = id, dir = %node_dir.display(), "creating dev node");
+        std::fs::create_dir_all(self.dir.join("tokens")).context("create token folder")?;
+        std::fs::write(
+            self.softhsm_conf(),
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
+                self.dir.join("tokens").display()
+            ),
+        )
+        .context("write softhsm2.conf")?;
+        std::fs::create_dir_all(node_dir.join("data")).context("create node folder")?;
+        write_private(&node_dir.join("pin"), random_secret().as_bytes())?;
+        write_private(&node_dir.join("so-pin"), random_secret().as_bytes())?;
+
+        let text = node_config(id, trust_domain, &node_dir)?;
+        let config_tmp = node_dir.join("sigil.toml.partial");
+        std::fs::write(&config_tmp, &text).context("write node config")?;
+        let config_arg = config_tmp.to_string_lossy().into_owned();
+        let so_pin = node_dir.join("so-pin").to_string_lossy().into_owned();
+        self.run_step(&["hsm", "init-token", "--config", &config_arg, "--so-pin-file", &so_pin])?;
+        self.run_step(&["init", "--config", &config_arg, "--dev-root"])?;
+        if id == 1 {
+            let client = self.dir.join("client").to_string_lossy().into_owned();
+            let admin = format!("spiffe://{trust_domain}/sigil/admin");
+            self.run_step(&["ca", "issue-client", "--config", &config_arg, "--spiffe-id", &admin, "--out", &client])?;
+            std::fs::copy(self.dir.join("client/bundle.pem"), self.dir.join("bundle.pem"))
+                .context("write bundle.pem")?;
+        }
+        // The config appears under its final name only when the node is complete, so a failed
+        // set-up is redone from the start by the next run.
+        std::fs::rename(&config_tmp, &config_path).context("finish node config")?;
+        Config::load(&config_path).map_err(Into::into)
+    }
+
+    /// Runs `sigil ARGS` with this deployment's SoftHSM configuration.
+    fn run_step(&self, args: &[&str]) -> anyhow::Result<()> {
+        let output = Command::new(std::env::current_exe().context("find the sigil executable")?)
+            .args(args)
+            .env("SOFTHSM2_CONF", self.softhsm_conf())
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("run sigil {}", args.join(" ")))?;
+        if !output.status.success() {
+            bail!(
+                "sigil {} failed ({}): {}",
+                args.join(" "),
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    fn start_node(&self, config: &Config) -> anyhow::Result<Child> {
+        let node_dir = self.node_dir(config.node_id);
+        let pid_path = node_dir.join("pid");
+        if let Some(pid) = running_pid(&pid_path) {
+            bail!("node {} of {} is already running as pid {pid}; stop it first", config.node_id, self.dir.display());
+        }
+        let log = std::fs::File::create(node_dir.join("node.log")).context("create node.log")?;
+        let child = Command::new(std::env::current_exe().context("find the sigil executable")?)
+            .args(["serve", "--config"])
+            .arg(node_dir.join("sigil.toml"))
+            .env("SOFTHSM2_CONF", self.softhsm_conf())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().context("open node.log")?)
+            .stderr(log)
+            .spawn()
+            .context("start sigil serve")?;
+        std::fs::write(&pid_path, format!("{}\n", child.id())).context("write pid file")?;
+        info!(node_id = config.node_id, pid = child.id(), "node started");
+        Ok(child)
+    }
+}
+
+fn node_config(id: u64, trust_domain: &str, node_dir: &Path) -> anyhow::Result<String> {
+    let dns_pattern = format!("**.{trust_domain}");
+    let allowed_dns_names = if DnsPattern::parse(&dns_pattern).is_ok() { vec![dns_pattern] } else { Vec::new() };
+    let admin = CallerPolicy {
+        spiffe_id: format!("spiffe://{trust_domain}/sigil/admin"),
+        allowed_spiffe_ids: vec![format!("spiffe://{trust_domain}/**")],
+        allowed_dns_names,
+        max_ttl: Duration::from_secs(24 * 3600),
+        // High enough for the load generator; production policies should be far tighter.
+        rate_per_second: 50_000.0,
+        rate_burst: 100_000,
+        admin: true,
+    };
+    let config = Config {
+        node_id: id,
+        trust_domain: trust_domain.to_owned(),
+        data_dir: node_dir.join("data"),
+        listen: ListenConfig {
+            grpc: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+            metrics: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+            tls_dns_names: vec!["localhost".to_owned()],
+            tls_ip_addresses: vec![IpAddr::from([127, 0, 0, 1])],
+        },
+        hsm: HsmSection {
+            module: SOFTHSM_MODULE.into(),
+            token_label: Some(format!("sigil-node-{id}")),
+            token_serial: None,
+            pin_file: Some(node_dir.join("pin")),
+            pin_env: None,
+            sessions: 0,
+        },
+        ca: CaSection {
+            key_label: "sigil-intermediate".to_owned(),
+            key_type: "ec-p256".to_owned(),
+            common_name: format!("Sigil Development Intermediate CA ({trust_domain})"),
+            organization: "Sigil".to_owned(),
+        },
+        issuance: IssuanceSection::default(),
+        audit: AuditSection { path: Some(node_dir.join("audit.jsonl")) },
+        log: LogSection::default(),
+        policy: PolicySection { mode: PolicyMode::Enforce, callers: vec![admin] },
+    };
+    config.validate()?;
+    Ok(format!("# Dev node {id}, written by `sigil dev`.\n{}", toml::to_string_pretty(&config)?))
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("find a free port on 127.0.0.1")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Returns a random secret of 32 hex digits.
+fn random_secret() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
+}
+
+fn running_pid(pid_path: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(pid_path).ok()?.trim().parse().ok()?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).ok().map(|()| pid)
+}
+
+fn wait_until_ready(config: &Config, child: &mut Child, log: &Path) -> anyhow::Result<()> {
+    let started = Instant::now();
+    while started.elapsed() < READY_TIMEOUT {
+        if let Some(status) = child.try_wait().context("check node process")? {
+            bail!(
+                "node {} exited during start-up ({status}); its log {}:\n{}",
+                config.node_id,
+                log.display(),
+                log_tail(log)
+            );
+        }
+        if probe_ready(config.listen.metrics) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!(
+        "node {} did not become ready within {READY_TIMEOUT:?}; its log {}:\n{}",
+        config.node_id,
+        log.display(),
+        log_tail(log)
+    )
+}
+
+/// Returns whether `GET /readyz` answers 200.
+fn probe_ready(address: SocketAddr) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(&address, Duration::from_secs(1)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let request = format!("GET /readyz HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response.starts_with("HTTP/1.1 200")
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+fn print_summary(dir: &Path, endpoints: &Endpoints) {
+    println!("Sigil dev deployment is running (trust domain {}).", endpoints.trust_domain);
+    for node in &endpoints.nodes {
+        println!("  node {}: gRPC {}  metrics http://{}/metrics", node.id, node.grpc, node.metrics);
+    }
+    println!("  endpoints: {}", dir.join("endpoints.json").display());
+    println!("  trust bundle: {}", dir.join("bundle.pem").display());
+    println!("  admin credential: {}", dir.join("client").display());
+    println!(
+        "Try: sigil issue svid --dev-dir {} --spiffe-id spiffe://{}/demo --out /tmp/svid",
+        dir.display(),
+        endpoints.trust_domain
+    );
+    println!("Press Ctrl-C to stop.");
+}
+
+/// Waits for SIGINT/SIGTERM, or fails when a node exits by itself.
+async fn wait_for_stop(nodes: &mut [(u64, Child)]) -> anyhow::Result<()> {
+    let signal = crate::server::wait_for_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            () = &mut signal => return Ok(()),
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        for (id, child) in nodes.iter_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                bail!("node {id} exited unexpectedly ({status})");
+            }
+        }
+    }
+}
+
+/// Sends SIGTERM to every node, waits, kills what is left, and removes the pid files.
+fn stop_nodes(layout: &Layout, nodes: &mut Vec<(u64, Child)>) {
+    for (id, child) in nodes.iter() {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+        if let Err(error) = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM) {
+            warn!(node_id = id, %error, "send SIGTERM failed");
+        }
+    }
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    for (id, child) in nodes.iter_mut() {
+        while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if matches!(child.try_wait(), Ok(None)) {
+            warn!(node_id = id, "node did not stop within {STOP_TIMEOUT:?}; killing it");
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(layout.node_dir(*id).join("pid"));
+    }
+    nodes.clear();
+}

@@ -1,0 +1,310 @@
+//! The issuance path shared by every front end: authenticate, check the CSR, apply policy, build
+//! and sign in the HSM off the async runtime, record in the ledger, then answer.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use time::OffsetDateTime;
+use tracing::{info, warn};
+
+use crate::audit::{AuditEvent, AuditLog, Decision};
+use crate::ca::{CaError, IssuedLeaf, IssuingCa, LeafRequest};
+use crate::config::PolicyMode;
+use crate::csr::{CsrError, check_csr};
+use crate::ledger::{IssuanceRecord, Ledger, LedgerError};
+use crate::metrics::Metrics;
+use crate::policy::{Policy, PolicyDenial, PolicyRequest, RateLimited};
+use crate::spiffe_id::SpiffeId;
+
+/// Profile name of X509-SVIDs in records, metrics and audit events.
+pub const PROFILE_X509_SVID: &str = "x509-svid";
+/// Profile name of the node's own TLS server certificates.
+pub const PROFILE_NODE_TLS: &str = "node-tls";
+/// Profile name of client credentials issued offline by `sigil ca issue-client`.
+pub const PROFILE_CLIENT_BOOTSTRAP: &str = "client-bootstrap";
+
+/// Why an issuance request failed. `grpc::status_from` maps each variant to a gRPC status.
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    #[error("no client certificate with a SPIFFE ID was presented: {reason}")]
+    Unauthenticated { reason: String },
+    #[error(transparent)]
+    InvalidCsr(#[from] CsrError),
+    #[error("ttl_seconds {value} is invalid: {reason}")]
+    InvalidTtl { value: i64, reason: String },
+    #[error(transparent)]
+    Denied(#[from] PolicyDenial),
+    #[error(transparent)]
+    RateLimited(#[from] RateLimited),
+    #[error("CA cannot issue: {0}")]
+    CaUnavailable(#[source] CaError),
+    #[error("sign certificate: {0}")]
+    Signing(#[source] CaError),
+    #[error("record issuance: {0}")]
+    Ledger(#[source] LedgerError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// An issued certificate with everything a caller needs to use and verify it.
+#[derive(Debug, Clone)]
+pub struct IssuedSvid {
+    pub leaf: IssuedLeaf,
+    pub intermediates_der: Vec<Vec<u8>>,
+    pub roots_der: Vec<Vec<u8>>,
+}
+
+/// Who is asking, as established by the transport.
+#[derive(Debug, Clone)]
+pub struct RequestContext {
+    pub request_id: String,
+    /// The SPIFFE ID from the client certificate, or why there is none.
+    pub caller: Result<SpiffeId, String>,
+}
+
+/// Settings of the issuance path that come from the node configuration.
+#[derive(Debug, Clone)]
+pub struct IssuanceSettings {
+    pub node_id: u64,
+    pub trust_domain: String,
+    pub default_ttl: Duration,
+}
+
+/// The node's issuance service.
+pub struct Issuance {
+    ca: Arc<IssuingCa>,
+    policy: Policy,
+    ledger: Arc<Ledger>,
+    audit: Arc<AuditLog>,
+    metrics: Metrics,
+    settings: IssuanceSettings,
+}
+
+impl Issuance {
+    pub fn new(
+        ca: Arc<IssuingCa>,
+        policy: Policy,
+        ledger: Arc<Ledger>,
+        audit: Arc<AuditLog>,
+        metrics: Metrics,
+        settings: IssuanceSettings,
+    ) -> Issuance {
+        Issuance { ca, policy, ledger, audit, metrics, settings }
+    }
+
+    pub fn ca(&self) -> &Arc<IssuingCa> {
+        &self.ca
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    pub fn settings(&self) -> &IssuanceSettings {
+        &self.settings
+    }
+
+    /// Signs an X509-SVID for the CSR's SPIFFE ID and records it. Writes exactly one audit event.
+    ///
+    /// # Errors
+    ///
+    /// See [`IssueError`]; a refused request writes no issuance record.
+    pub async fn sign_x509_svid(
+        &self,
+        context: &RequestContext,
+        csr: &[u8],
+        ttl_seconds: Option<i64>,
+    ) -> Result<IssuedSvid, IssueError> {
+        let started = Instant::now();
+        let mut event =
+            AuditEvent::new(self.settings.node_id, &context.request_id, PROFILE_X509_SVID, Decision::Issued);
+        let result = self.sign_x509_svid_steps(context, csr, ttl_seconds, &mut event).await;
+
+        match &result {
+            Ok(issued) => {
+                record_issued(&mut event, &issued.leaf);
+                self.metrics.issued.with_label_values(&[PROFILE_X509_SVID, "issued"]).inc();
+                self.metrics
+                    .issuance_seconds
+                    .with_label_values(&[PROFILE_X509_SVID])
+                    .observe(started.elapsed().as_secs_f64());
+            }
+            Err(error) => {
+                let code = crate::grpc::code_name(crate::grpc::status_from(error).code());
+                event.decision = Decision::Refused;
+                event.status = Some(code.to_owned());
+                event.reason = Some(error.to_string());
+                self.metrics.issued.with_label_values(&[PROFILE_X509_SVID, code]).inc();
+                info!(request_id = %context.request_id, caller = ?event.caller, %error, "x509-svid request refused");
+            }
+        }
+        self.audit.log(event);
+        result
+    }
+
+    async fn sign_x509_svid_steps(
+        &self,
+        context: &RequestContext,
+        csr: &[u8],
+        ttl_seconds: Option<i64>,
+        event: &mut AuditEvent,
+    ) -> Result<IssuedSvid, IssueError> {
+        let caller = context.caller.clone().map_err(|reason| IssueError::Unauthenticated { reason })?;
+        event.caller = Some(caller.to_string());
+        self.check_ca_valid()?;
+
+        self.policy.take_token(&caller).inspect_err(|_| {
+            self.metrics.policy_decisions.with_label_values(&["rate_limited"]).inc();
+        })?;
+
+        let checked = check_csr(csr, &self.settings.trust_domain)?;
+        event.spiffe_id = Some(checked.spiffe_id.to_string());
+        event.dns_names = checked.dns_names.clone();
+
+        let ttl = self.resolve_ttl(&caller, ttl_seconds)?;
+        event.ttl_seconds = Some(ttl.as_secs());
+
+        let request =
+            PolicyRequest { caller: &caller, spiffe_id: &checked.spiffe_id, dns_names: &checked.dns_names, ttl };
+        self.apply_policy(&request, event)?;
+
+        let leaf_request = LeafRequest {
+            spki_der: &checked.spki_der,
+            key_kind: checked.key_kind,
+            spiffe_id: checked.spiffe_id.as_str(),
+            dns_names: &checked.dns_names,
+            ip_addresses: &[],
+            ttl,
+        };
+        let leaf = self.sign_blocking(&leaf_request).await?;
+        self.record(&leaf, checked.spiffe_id.as_str(), caller.as_str(), PROFILE_X509_SVID).await?;
+
+        let chain = self.ca.chain();
+        Ok(IssuedSvid { leaf, intermediates_der: chain.intermediates_der.clone(), roots_der: chain.roots_der.clone() })
+    }
+
+    /// Rejects requests once the intermediate has expired, since every leaf would be invalid.
+    fn check_ca_valid(&self) -> Result<(), IssueError> {
+        let summary = self.ca.summary();
+        if summary.not_after <= OffsetDateTime::now_utc() {
+            return Err(IssueError::CaUnavailable(CaError::Expired {
+                subject: summary.subject.clone(),
+                not_after: summary.not_after.to_string(),
+            }));
+        }
+        Ok(())
+    }
+
+    /// Picks the TTL: the request's if given, otherwise the node default capped at the caller's
+    /// maximum. Policy checks the result against the maximum.
+    fn resolve_ttl(&self, caller: &SpiffeId, ttl_seconds: Option<i64>) -> Result<Duration, IssueError> {
+        match ttl_seconds {
+            None => {
+                let max = self.policy.max_ttl(caller).unwrap_or(self.settings.default_ttl);
+                Ok(self.settings.default_ttl.min(max))
+            }
+            Some(value) if value <= 0 => Err(IssueError::InvalidTtl {
+                value,
+                reason: "it must be a positive number of seconds (omit it for the default)".to_owned(),
+            }),
+            Some(value) => Ok(Duration::from_secs(value.unsigned_abs())),
+        }
+    }
+
+    fn apply_policy(&self, request: &PolicyRequest<'_>, event: &mut AuditEvent) -> Result<(), IssueError> {
+        let Err(denial) = self.policy.check(request) else {
+            self.metrics.policy_decisions.with_label_values(&["allow"]).inc();
+            return Ok(());
+        };
+        if self.policy.mode() == PolicyMode::Monitor {
+            self.metrics.policy_decisions.with_label_values(&["monitor_deny"]).inc();
+            warn!(request_id = %event.request_id, caller = %request.caller, %denial, "policy would deny; issuing because policy mode is monitor");
+            event.decision = Decision::WouldRefuseMonitor;
+            event.reason = Some(denial.to_string());
+            return Ok(());
+        }
+        self.metrics.policy_decisions.with_label_values(&["deny"]).inc();
+        Err(denial.into())
+    }
+
+    /// Builds and signs a leaf on the blocking thread pool, since HSM calls block.
+    async fn sign_blocking(&self, request: &LeafRequest<'_>) -> Result<IssuedLeaf, IssueError> {
+        let ca = Arc::clone(&self.ca);
+        let spki = request.spki_der.to_vec();
+        let spiffe_id = request.spiffe_id.to_owned();
+        let dns_names = request.dns_names.to_vec();
+        let ip_addresses = request.ip_addresses.to_vec();
+        let (key_kind, ttl) = (request.key_kind, request.ttl);
+
+        let signed = tokio::task::spawn_blocking(move || {
+            let request = LeafRequest {
+                spki_der: &spki,
+                key_kind,
+                spiffe_id: &spiffe_id,
+                dns_names: &dns_names,
+                ip_addresses: &ip_addresses,
+                ttl,
+            };
+            ca.issue_leaf(&request, OffsetDateTime::now_utc())
+        })
+        .await
+        .map_err(|e| IssueError::Internal(format!("signing task failed: {e}")))?;
+        signed.map_err(IssueError::Signing)
+    }
+
+    async fn record(&self, leaf: &IssuedLeaf, spiffe_id: &str, caller: &str, profile: &str) -> Result<(), IssueError> {
+        let record = IssuanceRecord {
+            serial: leaf.serial.clone(),
+            spiffe_id: spiffe_id.to_owned(),
+            not_after_unix: leaf.not_after.unix_timestamp(),
+            issued_at_unix: OffsetDateTime::now_utc().unix_timestamp(),
+            caller: caller.to_owned(),
+            profile: profile.to_owned(),
+            cert_sha256: leaf.sha256.to_vec(),
+        };
+        self.ledger.record(record).await.map_err(IssueError::Ledger)
+    }
+
+    /// Issues a certificate the node needs itself (its TLS server certificate, or a bootstrap
+    /// client credential) for an in-process P-256 key, without caller policy; it is recorded and
+    /// audited like any other.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the HSM cannot sign or the ledger cannot record.
+    pub async fn issue_internal(
+        &self,
+        profile: &str,
+        spki_der: &[u8],
+        spiffe_id: &str,
+        dns_names: &[String],
+        ip_addresses: &[std::net::IpAddr],
+        ttl: Duration,
+    ) -> Result<IssuedLeaf, IssueError> {
+        let request =
+            LeafRequest { spki_der, key_kind: crate::csr::KeyKind::EcP256, spiffe_id, dns_names, ip_addresses, ttl };
+        let leaf = self.sign_blocking(&request).await?;
+        self.record(&leaf, spiffe_id, spiffe_id, profile).await?;
+        let request_id = format!("{profile}-{:016x}", rand::random::<u64>());
+        let mut event = AuditEvent::new(self.settings.node_id, request_id, profile, Decision::Issued);
+        event.caller = Some(spiffe_id.to_owned());
+        event.spiffe_id = Some(spiffe_id.to_owned());
+        event.dns_names = dns_names.to_vec();
+        event.ttl_seconds = Some(ttl.as_secs());
+        record_issued(&mut event, &leaf);
+        self.audit.log(event);
+        Ok(leaf)
+    }
+}
+
+/// Fills in what an audit event says about an issued certificate; the decision stays as set, since
+/// monitor mode issues with a would-be refusal.
+fn record_issued(event: &mut AuditEvent, leaf: &IssuedLeaf) {
+    event.serial = Some(hex::encode(&leaf.serial));
+    event.not_after = crate::audit::rfc3339_from_unix(leaf.not_after.unix_timestamp());
+    event.cert_sha256 = Some(hex::encode(leaf.sha256));
+}

@@ -1,0 +1,251 @@
+//! The RocksDB database behind the ledger: opening, stored state and reads.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use prost::Message;
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, DB, DBCompressionType, IteratorMode, Options, WriteBatch, WriteOptions,
+    compaction_filter::Decision,
+};
+
+use super::command::{CaVersion, IssuanceRecord};
+use super::error::LedgerError;
+use super::keys::{
+    self, CF_CA, CF_ISSUANCE, CF_META, CF_SERIALS, META_ACTIVE_CA_VERSION, META_APPLIED_INDEX, META_DIGEST,
+    META_ISSUANCE_COUNT, META_LATEST_CA_VERSION, META_PURGE_CUTOFF, META_SCHEMA_VERSION, SCHEMA_VERSION,
+};
+
+/// The state that every applied command reads and advances. It is stored in
+/// the `meta` column family and cached here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LedgerState {
+    pub(crate) applied_index: u64,
+    pub(crate) digest: [u8; 32],
+    /// Active CA version, 0 before the first install.
+    pub(crate) active_ca_version: u64,
+    pub(crate) latest_ca_version: u64,
+    /// Start (Unix seconds) of the oldest expiry bucket not yet purged.
+    pub(crate) purge_cutoff: u64,
+    pub(crate) issuance_count: u64,
+}
+
+/// The state owned by the single writer, behind `Store::writer`.
+pub(crate) struct WriterSlot {
+    pub(crate) state: LedgerState,
+    /// Index of the command whose write failed, after which writes stop.
+    pub(crate) halted_at: Option<u64>,
+}
+
+/// Counters reported by `Ledger::stats`.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) batches_written: AtomicU64,
+    pub(crate) records_written: AtomicU64,
+    pub(crate) largest_batch: AtomicU64,
+    pub(crate) rejected_commands: AtomicU64,
+    pub(crate) batch_retries: AtomicU64,
+}
+
+pub(crate) struct Store {
+    pub(crate) db: DB,
+    pub(crate) path: PathBuf,
+    /// Held for the whole of each apply, so one command is applied at a time.
+    pub(crate) writer: Mutex<WriterSlot>,
+    /// Copy of the state after the last successful write, for readers.
+    pub(crate) committed: Mutex<LedgerState>,
+    /// Copy of `LedgerState::purge_cutoff`, shared with the `serials`
+    /// compaction filter. It is raised only after the purge is written.
+    pub(crate) purge_cutoff: Arc<AtomicU64>,
+    pub(crate) counters: Counters,
+}
+
+impl Store {
+    pub(crate) fn open(path: &Path) -> Result<Store, LedgerError> {
+        let purge_cutoff = Arc::new(AtomicU64::new(0));
+
+        let mut db_options = column_family_options();
+        db_options.create_if_missing(true);
+        db_options.create_missing_column_families(true);
+
+        let column_families = vec![
+            ColumnFamilyDescriptor::new(CF_META, column_family_options()),
+            ColumnFamilyDescriptor::new(CF_CA, column_family_options()),
+            ColumnFamilyDescriptor::new(CF_ISSUANCE, column_family_options()),
+            ColumnFamilyDescriptor::new(CF_SERIALS, serials_options(Arc::clone(&purge_cutoff))),
+        ];
+        let db = DB::open_cf_descriptors(&db_options, path, column_families)
+            .map_err(|cause| LedgerError::storage(format!("open ledger at {}", path.display()), cause))?;
+
+        let state = load_state(&db, path)?;
+        purge_cutoff.store(state.purge_cutoff, Ordering::Release);
+
+        Ok(Store {
+            db,
+            path: path.to_owned(),
+            writer: Mutex::new(WriterSlot { state, halted_at: None }),
+            committed: Mutex::new(state),
+            purge_cutoff,
+            counters: Counters::default(),
+        })
+    }
+
+    pub(crate) fn cf(&self, name: &str) -> &ColumnFamily {
+        column_family(&self.db, name)
+    }
+
+    pub(crate) fn committed_state(&self) -> LedgerState {
+        // The guarded value is replaced whole by a plain assignment, so a
+        // poisoned lock still holds a consistent state.
+        *self.committed.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn ca_version(&self, version: u64) -> Result<Option<CaVersion>, LedgerError> {
+        let value = self
+            .db
+            .get_pinned_cf(self.cf(CF_CA), keys::ca_version_key(version))
+            .map_err(|cause| LedgerError::storage(format!("read CA version {version}"), cause))?;
+        value.map(|bytes| decode_message(&format!("CA version {version}"), &bytes)).transpose()
+    }
+
+    pub(crate) fn ca_versions(&self) -> Result<Vec<CaVersion>, LedgerError> {
+        let mut versions = Vec::new();
+        for entry in self.db.iterator_cf(self.cf(CF_CA), IteratorMode::Start) {
+            let (key, value) = entry.map_err(|cause| LedgerError::storage("list CA versions", cause))?;
+            let version = keys::decode_u64("CA version key", &key)?;
+            versions.push(decode_message(&format!("CA version {version}"), &value)?);
+        }
+        Ok(versions)
+    }
+
+    /// Returns the bucket of `serial` if the serial index holds it and its
+    /// record has not been purged. Entries below the purge cutoff may still
+    /// be on disk until the compaction filter drops them, so they are
+    /// treated as absent here, independent of compaction timing.
+    pub(crate) fn live_bucket(&self, serial: &[u8], purge_cutoff: u64) -> Result<Option<u64>, LedgerError> {
+        let value = self
+            .db
+            .get_pinned_cf(self.cf(CF_SERIALS), serial)
+            .map_err(|cause| LedgerError::storage(format!("read serial index for {}", hex::encode(serial)), cause))?;
+        let Some(value) = value else {
+            return Ok(None);
+        };
+        let bucket = keys::decode_u64("serial index entry", &value)?;
+        Ok((bucket >= purge_cutoff).then_some(bucket))
+    }
+
+    pub(crate) fn issuance(&self, serial: &[u8]) -> Result<Option<IssuanceRecord>, LedgerError> {
+        let purge_cutoff = self.purge_cutoff.load(Ordering::Acquire);
+        let Some(bucket) = self.live_bucket(serial, purge_cutoff)? else {
+            return Ok(None);
+        };
+        let serial_hex = hex::encode(serial);
+        let value = self
+            .db
+            .get_pinned_cf(self.cf(CF_ISSUANCE), keys::issuance_key(bucket, serial))
+            .map_err(|cause| LedgerError::storage(format!("read issuance record {serial_hex}"), cause))?;
+        value.map(|bytes| decode_message(&format!("issuance record {serial_hex}"), &bytes)).transpose()
+    }
+
+    pub(crate) fn sync_write(&self, batch: WriteBatch) -> Result<(), rocksdb::Error> {
+        let mut options = WriteOptions::default();
+        options.set_sync(true);
+        self.db.write_opt(batch, &options)
+    }
+}
+
+fn column_family<'db>(db: &'db DB, name: &str) -> &'db ColumnFamily {
+    db.cf_handle(name).expect("Store::open opens every column family that the ledger names")
+}
+
+fn column_family_options() -> Options {
+    let mut options = Options::default();
+    options.set_compression_type(DBCompressionType::Lz4);
+    options
+}
+
+/// Options of the `serials` column family. Its compaction filter drops
+/// index entries whose bucket is below the purge cutoff: their records were
+/// range-deleted from `issuance`, and `Store::live_bucket` already ignores
+/// them, so dropping them changes no result. RocksDB runs it only when a
+/// compaction touches the file; with a compaction filter set, leveled
+/// compaction also rewrites files older than 30 days by default
+/// (`periodic_compaction_seconds` in RocksDB 11.8, the version that
+/// librocksdb-sys 0.19 builds).
+fn serials_options(purge_cutoff: Arc<AtomicU64>) -> Options {
+    let mut options = column_family_options();
+    options.set_compaction_filter("sigil_purged_serials", move |_level: u32, _key: &[u8], value: &[u8]| {
+        let Ok(bytes) = <[u8; 8]>::try_from(value) else {
+            return Decision::Keep;
+        };
+        if u64::from_be_bytes(bytes) < purge_cutoff.load(Ordering::Acquire) { Decision::Remove } else { Decision::Keep }
+    });
+    options
+}
+
+fn load_state(db: &DB, path: &Path) -> Result<LedgerState, LedgerError> {
+    let meta = column_family(db, CF_META);
+    let read_u64 = |key: &[u8]| -> Result<Option<u64>, LedgerError> {
+        let name = String::from_utf8_lossy(key);
+        let value = db
+            .get_pinned_cf(meta, key)
+            .map_err(|cause| LedgerError::storage(format!("read ledger meta key {name}"), cause))?;
+        value.map(|bytes| keys::decode_u64(&format!("meta key {name}"), &bytes)).transpose()
+    };
+
+    match read_u64(META_SCHEMA_VERSION)? {
+        Some(SCHEMA_VERSION) => {}
+        Some(found) => {
+            return Err(LedgerError::UnsupportedSchema {
+                path: path.display().to_string(),
+                found,
+                expected: SCHEMA_VERSION,
+            });
+        }
+        None if read_u64(META_APPLIED_INDEX)?.is_some() => {
+            return Err(LedgerError::Decode {
+                what: "meta key schema_version".to_owned(),
+                reason: format!("missing in the ledger at {}", path.display()),
+            });
+        }
+        None => initialize(db, path)?,
+    }
+
+    let digest_value = db
+        .get_pinned_cf(meta, META_DIGEST)
+        .map_err(|cause| LedgerError::storage("read ledger meta key digest", cause))?;
+    let digest = match digest_value {
+        Some(bytes) => <[u8; 32]>::try_from(bytes.as_ref()).map_err(|_| LedgerError::Decode {
+            what: "meta key digest".to_owned(),
+            reason: format!("expected 32 bytes, found {}", bytes.len()),
+        })?,
+        None => [0; 32],
+    };
+
+    Ok(LedgerState {
+        applied_index: read_u64(META_APPLIED_INDEX)?.unwrap_or(0),
+        digest,
+        active_ca_version: read_u64(META_ACTIVE_CA_VERSION)?.unwrap_or(0),
+        latest_ca_version: read_u64(META_LATEST_CA_VERSION)?.unwrap_or(0),
+        purge_cutoff: read_u64(META_PURGE_CUTOFF)?.unwrap_or(0),
+        issuance_count: read_u64(META_ISSUANCE_COUNT)?.unwrap_or(0),
+    })
+}
+
+/// Writes the meta keys of an empty ledger: index 0 and an all-zero digest.
+fn initialize(db: &DB, path: &Path) -> Result<(), LedgerError> {
+    let meta = column_family(db, CF_META);
+    let mut batch = WriteBatch::default();
+    batch.put_cf(meta, META_SCHEMA_VERSION, SCHEMA_VERSION.to_be_bytes());
+    batch.put_cf(meta, META_APPLIED_INDEX, 0u64.to_be_bytes());
+    batch.put_cf(meta, META_DIGEST, [0u8; 32]);
+    let mut options = WriteOptions::default();
+    options.set_sync(true);
+    db.write_opt(batch, &options)
+        .map_err(|cause| LedgerError::storage(format!("initialize ledger at {}", path.display()), cause))
+}
+
+pub(crate) fn decode_message<M: Message + Default>(what: &str, bytes: &[u8]) -> Result<M, LedgerError> {
+    M::decode(bytes).map_err(|error| LedgerError::Decode { what: what.to_owned(), reason: error.to_string() })
+}

@@ -1,0 +1,28 @@
+//! Sigil: an HSM-backed intermediate certificate authority for zero-trust networks.
+//!
+//! A node checks a caller's CSR against policy, signs an X509-SVID with an intermediate CA key
+//! that never leaves its PKCS#11 HSM, records the issuance durably in its ledger, and only then
+//! answers. See README.md for a walk-through and docs/ for operations.
+
+pub mod audit;
+pub mod ca;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod csr;
+pub mod dev;
+pub mod grpc;
+pub mod issuance;
+pub mod ledger;
+pub mod logging;
+pub mod metrics;
+pub mod policy;
+pub mod server;
+pub mod setup;
+pub mod spiffe_id;
+pub mod tls;
+
+/// Generated gRPC types and services of package `sigil.v1`.
+pub mod proto {
+    tonic::include_proto!("sigil.v1");
+}

@@ -1,0 +1,219 @@
+//! Offline set-up commands: token initialization, CA key generation, installing a signed
+//! intermediate, and bootstrapping a client credential. They need the node to be stopped, since
+//! the node holds the ledger open.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use sigil_hsm::{Extractability, Pin};
+use time::OffsetDateTime;
+
+use crate::ca::{
+    CaCertificateSpec, CaChain, HsmSigner, check_chain, intermediate_csr, self_signed_root, sign_intermediate,
+};
+use crate::cli::InitArgs;
+use crate::config::Config;
+use crate::ledger::{Command, InstallCa, Ledger};
+use crate::server::{load_ca, open_hsm};
+
+/// Initializes the configured token and sets its user PIN.
+///
+/// # Errors
+///
+/// Fails when a PIN cannot be read, no free slot exists, or the label is taken.
+pub fn init_token(config_path: &Path, so_pin_file: &Path) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let Some(label) = &config.hsm.token_label else {
+        bail!("hsm.token_label must be set to initialize a token (token_serial cannot name a new token)");
+    };
+    let so_pin = Pin::from_file(so_pin_file).context("read security officer PIN")?;
+    let user_pin = config.hsm_pin().context("read user PIN")?;
+    sigil_hsm::init_token(&config.hsm.module, label, &so_pin, &user_pin)
+        .with_context(|| format!("initialize token {label:?}"))?;
+    println!("initialized token {label:?}");
+    Ok(())
+}
+
+/// Generates the intermediate key and either writes its CSR or sets up a development root.
+///
+/// # Errors
+///
+/// Fails when the key exists already, a CA is already installed, or the HSM or ledger fails.
+pub fn init(args: &InitArgs) -> anyhow::Result<()> {
+    let config = Config::load(&args.config)?;
+    let ledger = Ledger::open(config.ledger_path()).context("open ledger")?;
+    if let Some(active) = ledger.active_ca()? {
+        bail!(
+            "a CA is already installed in {} (key {:?}); refusing to generate another",
+            config.ledger_path().display(),
+            active.key_label
+        );
+    }
+    let hsm = open_hsm(&config, None)?;
+    let key_type = config.ca_key_type()?;
+    let key = hsm
+        .generate_key_pair(&config.ca.key_label, key_type, Extractability::Never)
+        .with_context(|| format!("generate CA key {:?}", config.ca.key_label))?;
+    let intermediate = HsmSigner::new(hsm.clone(), key)?;
+    let intermediate_spec = CaCertificateSpec {
+        common_name: &config.ca.common_name,
+        organization: &config.ca.organization,
+        validity: args.validity,
+        path_len: Some(0),
+    };
+
+    if !args.dev_root {
+        let path = args.csr_out.as_deref().context("--csr-out is required without --dev-root")?;
+        let csr = intermediate_csr(&intermediate, &intermediate_spec)?;
+        std::fs::write(path, csr).with_context(|| format!("write CSR to {}", path.display()))?;
+        println!("generated {key_type} key {:?}; CSR written to {}", config.ca.key_label, path.display());
+        println!("have the offline root sign it, then run: sigil ca install --config FILE --cert CERT --root ROOT");
+        return Ok(());
+    }
+
+    let root_label = format!("{}-dev-root", config.ca.key_label);
+    let root_key = hsm
+        .generate_key_pair(&root_label, key_type, Extractability::Never)
+        .with_context(|| format!("generate development root key {root_label:?}"))?;
+    let root = HsmSigner::new(hsm.clone(), root_key)?;
+    let root_spec = CaCertificateSpec {
+        common_name: &format!("Sigil Development Root CA ({})", config.trust_domain),
+        organization: &config.ca.organization,
+        validity: args.validity + Duration::from_secs(365 * 24 * 3600),
+        path_len: None,
+    };
+    let root_der = self_signed_root(&root, &root_spec)?;
+    let intermediate_der = sign_intermediate(&intermediate, &root, &root_der, &intermediate_spec)?;
+    let chain = CaChain { intermediates_der: vec![intermediate_der], roots_der: vec![root_der] };
+    check_chain(&intermediate, &chain).context("check the new development chain")?;
+    install_chain(&ledger, &config.ca.key_label, chain)?;
+    println!(
+        "generated {key_type} CA key {:?} and development root {root_label:?}; chain installed",
+        config.ca.key_label
+    );
+    Ok(())
+}
+
+/// Installs an intermediate signed by an offline root, after checking it against the HSM key.
+///
+/// # Errors
+///
+/// Fails when the files cannot be read, the chain does not check out, or the ledger fails.
+pub fn install(config_path: &Path, cert: &Path, root: &Path) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let intermediates_der = read_pem_certificates(cert)?;
+    let roots_der = read_pem_certificates(root)?;
+    let ledger = Ledger::open(config.ledger_path()).context("open ledger")?;
+    let hsm = open_hsm(&config, None)?;
+    let key = hsm.find_key(&config.ca.key_label).with_context(|| format!("find CA key {:?}", config.ca.key_label))?;
+    let signer = HsmSigner::new(hsm, key)?;
+    let chain = CaChain { intermediates_der, roots_der };
+    check_chain(&signer, &chain).context("check the certificate chain")?;
+    install_chain(&ledger, &config.ca.key_label, chain)?;
+    println!("installed the CA chain for key {:?}", config.ca.key_label);
+    Ok(())
+}
+
+fn install_chain(ledger: &Ledger, key_label: &str, chain: CaChain) -> anyhow::Result<()> {
+    let command = Command::install_ca(InstallCa {
+        key_label: key_label.to_owned(),
+        intermediates_der: chain.intermediates_der,
+        roots_der: chain.roots_der,
+        installed_at_unix: OffsetDateTime::now_utc().unix_timestamp(),
+    });
+    ledger.apply(&command).context("record the CA chain in the ledger")?;
+    Ok(())
+}
+
+/// Reads every CERTIFICATE block of a PEM file as DER.
+///
+/// # Errors
+///
+/// Names the file when it cannot be read or holds no certificate.
+pub fn read_pem_certificates(path: &Path) -> anyhow::Result<Vec<Vec<u8>>> {
+    let text = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+    let blocks = pem::parse_many(&text).with_context(|| format!("parse PEM in {}", path.display()))?;
+    let certs: Vec<Vec<u8>> =
+        blocks.into_iter().filter(|b| b.tag() == "CERTIFICATE").map(pem::Pem::into_contents).collect();
+    if certs.is_empty() {
+        bail!("{} contains no CERTIFICATE block", path.display());
+    }
+    Ok(certs)
+}
+
+/// Encodes DER certificates as concatenated PEM blocks.
+pub fn certificates_to_pem<'a>(certs: impl IntoIterator<Item = &'a Vec<u8>>) -> String {
+    certs.into_iter().map(|der| pem::encode(&pem::Pem::new("CERTIFICATE", der.clone()))).collect()
+}
+
+/// Writes `contents` to `path` readable by the owner only.
+///
+/// # Errors
+///
+/// Names the file on failure.
+pub fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("create {}", path.display()))?;
+    file.write_all(contents).with_context(|| format!("write {}", path.display()))
+}
+
+/// Issues a client credential from the installed CA and records it in the ledger.
+///
+/// # Errors
+///
+/// Fails when the SPIFFE ID is invalid, the CA cannot be loaded, or files cannot be written.
+pub async fn issue_client(config_path: &Path, spiffe_id: &str, out: &Path, ttl: Duration) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let id = crate::spiffe_id::SpiffeId::parse(spiffe_id)?;
+    if id.trust_domain() != config.trust_domain {
+        bail!("SPIFFE ID {id} is not in trust domain {:?}", config.trust_domain);
+    }
+    let ledger = std::sync::Arc::new(Ledger::open(config.ledger_path()).context("open ledger")?);
+    let hsm = open_hsm(&config, None)?;
+    let ca = std::sync::Arc::new(load_ca(&config, &ledger, &hsm)?);
+    let registry = prometheus::Registry::new();
+    let issuance = crate::issuance::Issuance::new(
+        std::sync::Arc::clone(&ca),
+        crate::policy::Policy::new(&config.policy),
+        std::sync::Arc::clone(&ledger),
+        std::sync::Arc::new(crate::audit::AuditLog::disabled()),
+        crate::metrics::Metrics::new(registry)?,
+        crate::issuance::IssuanceSettings {
+            node_id: config.node_id,
+            trust_domain: config.trust_domain.clone(),
+            default_ttl: config.issuance.default_ttl,
+        },
+    );
+
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).context("generate client key")?;
+    let leaf = issuance
+        .issue_internal(
+            crate::issuance::PROFILE_CLIENT_BOOTSTRAP,
+            &rcgen::PublicKeyData::subject_public_key_info(&key),
+            id.as_str(),
+            &[],
+            &[],
+            ttl,
+        )
+        .await
+        .context("issue client certificate")?;
+
+    std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
+    let mut chain = vec![leaf.der];
+    chain.extend(ca.chain().intermediates_der.iter().cloned());
+    std::fs::write(out.join("cert.pem"), certificates_to_pem(&chain)).context("write cert.pem")?;
+    write_private(&out.join("key.pem"), key.serialize_pem().as_bytes())?;
+    std::fs::write(out.join("bundle.pem"), certificates_to_pem(&ca.chain().roots_der)).context("write bundle.pem")?;
+    drop(issuance);
+    drop(ledger);
+    println!("issued client credential for {id} into {}", out.display());
+    Ok(())
+}

@@ -383,7 +383,9 @@ pub fn sign_intermediate(
 ///
 /// Fails when the HSM cannot sign.
 pub fn intermediate_csr(signer: &HsmSigner, spec: &CaCertificateSpec<'_>) -> Result<String, CaError> {
-    let params = ca_params(spec, OffsetDateTime::now_utc());
+    // A CSR carries only the subject; the offline root decides the CA extensions and validity.
+    let mut params = CertificateParams::default();
+    params.distinguished_name = ca_params(spec, OffsetDateTime::now_utc()).distinguished_name;
     let request = with_hsm_errors(|| params.serialize_request(signer))?;
     request.pem().map_err(|e| CaError::Build(format!("encode CSR as PEM: {e}")))
 }

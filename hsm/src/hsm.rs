@@ -207,7 +207,7 @@ impl Hsm {
     /// CKA_ID.
     pub fn find_key(&self, label: &str) -> Result<KeyRef, HsmError> {
         self.run(|session, generation| {
-            let logins_before = self.inner.pool.login_count();
+            let logins_before = self.inner.pool.login_snapshot();
             let handles = find_objects(
                 session,
                 &[Attribute::Class(ObjectClass::PRIVATE_KEY), Attribute::Label(label.as_bytes().to_vec())],
@@ -397,7 +397,6 @@ impl Hsm {
             Ok(value) => return Ok(value),
             Err(failure) => failure,
         };
-        eprintln!("DEBUG {:?} first failure gen {generation}: {error:?}", std::thread::current().id());
         if !error.needs_session_recovery() {
             return Err(error);
         }
@@ -470,11 +469,6 @@ impl Hsm {
         if let Some(handle) = cached {
             match operation(handle) {
                 Err(error) if error.is_stale_object_handle() => {
-                    eprintln!(
-                        "DEBUG {:?} stale handle {handle:?} session {} gen {generation}: {error:?}",
-                        std::thread::current().id(),
-                        session.handle()
-                    );
                     if let Some(code) = error.ckr_code() {
                         self.inner.metrics.count_error(code);
                     }
@@ -494,9 +488,15 @@ impl Hsm {
     /// missing key and not as CKR_USER_NOT_LOGGED_IN.
     ///
     /// Login state is shared by all sessions of the process, so another thread may have
-    /// logged in again between the search and this check. A changed login count (taken as
-    /// `logins_before` before the search) or pool generation shows that.
-    fn explain_missing_key(&self, session: &Session, generation: u64, logins_before: u64, error: HsmError) -> HsmError {
+    /// logged in again between the search and this check. `logins_before`, the pool's login
+    /// snapshot taken before the search, and the pool generation show whether that happened.
+    fn explain_missing_key(
+        &self,
+        session: &Session,
+        generation: u64,
+        logins_before: Option<u64>,
+        error: HsmError,
+    ) -> HsmError {
         if !matches!(error, HsmError::KeyNotFound { .. } | HsmError::KeyIdNotFound { .. }) {
             return error;
         }
@@ -506,12 +506,8 @@ impl Hsm {
             Err(info_error) => return from_cryptoki(info_error),
         };
         let pool = &self.inner.pool;
-        if logged_in && pool.login_count() == logins_before && pool.generation() == generation {
-            eprintln!(
-                "DEBUG {:?} explain keep: session {} gen {generation} logins {logins_before} {error:?}",
-                std::thread::current().id(),
-                session.handle()
-            );
+        let no_login_since = logins_before == Some(pool.logins_started());
+        if logged_in && no_login_since && pool.generation() == generation {
             return error;
         }
         HsmError::NotLoggedIn { token: self.inner.summary.label.clone() }
@@ -519,7 +515,7 @@ impl Hsm {
 
     /// Finds the private key with CKA_ID `id` and caches its handle.
     fn find_private_key(&self, session: &Session, generation: u64, id: &[u8]) -> Result<ObjectHandle, HsmError> {
-        let logins_before = self.inner.pool.login_count();
+        let logins_before = self.inner.pool.login_snapshot();
         let handle = find_private_key_by_id(session, id)
             .map_err(|error| self.explain_missing_key(session, generation, logins_before, error))?;
         self.cache_handle(id, generation, handle);

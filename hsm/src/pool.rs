@@ -29,8 +29,10 @@ pub(crate) struct SessionPool {
     wait_timeout: Duration,
     state: Mutex<PoolState>,
     session_returned: Condvar,
-    /// Successful C_Login calls made by the pool.
-    logins: AtomicU64,
+    /// C_Login calls the pool has started and finished. Both only grow, and a login is in
+    /// progress while they differ.
+    logins_started: AtomicU64,
+    logins_finished: AtomicU64,
 }
 
 struct PoolState {
@@ -70,7 +72,8 @@ impl SessionPool {
                 lost_below: 0,
             }),
             session_returned: Condvar::new(),
-            logins: AtomicU64::new(0),
+            logins_started: AtomicU64::new(0),
+            logins_finished: AtomicU64::new(0),
         }
     }
 
@@ -78,9 +81,20 @@ impl SessionPool {
         self.size
     }
 
-    /// Returns the number of successful C_Login calls the pool has made.
-    pub(crate) fn login_count(&self) -> u64 {
-        self.logins.load(Ordering::SeqCst)
+    /// Returns the number of C_Login calls started so far if no login is in progress, or
+    /// `None` while one is. Comparing it with [`Self::logins_started`] later shows whether
+    /// the login state may have changed in between.
+    pub(crate) fn login_snapshot(&self) -> Option<u64> {
+        // Reading the finished count first makes equal values mean that no login was in
+        // progress between the two reads, because a login increments started before finished.
+        let finished = self.logins_finished.load(Ordering::SeqCst);
+        let started = self.logins_started.load(Ordering::SeqCst);
+        (started == finished).then_some(started)
+    }
+
+    /// Returns the number of C_Login calls started so far.
+    pub(crate) fn logins_started(&self) -> u64 {
+        self.logins_started.load(Ordering::SeqCst)
     }
 
     /// Returns the current generation, which each recovery increments.
@@ -144,13 +158,12 @@ impl SessionPool {
             return Ok(session);
         }
 
-        match session.login(UserType::User, Some(&self.access.pin.to_auth_pin())) {
-            Ok(()) => {
-                self.logins.fetch_add(1, Ordering::SeqCst);
-                eprintln!("DEBUG {:?} login on session {}", std::thread::current().id(), session.handle());
-                Ok(session)
-            }
-            Err(CryptokiError::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => Ok(session),
+        self.logins_started.fetch_add(1, Ordering::SeqCst);
+        let login = session.login(UserType::User, Some(&self.access.pin.to_auth_pin()));
+        self.logins_finished.fetch_add(1, Ordering::SeqCst);
+
+        match login {
+            Ok(()) | Err(CryptokiError::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => Ok(session),
             Err(CryptokiError::Pkcs11(rv, _)) => {
                 Err(HsmError::Login { token: self.access.token_label.clone(), code: ckr_name(rv) })
             }
@@ -170,7 +183,6 @@ impl SessionPool {
             return Ok(false);
         }
 
-        eprintln!("DEBUG {:?} recover from gen {failed_generation}", std::thread::current().id());
         let idle = std::mem::take(&mut state.idle);
         state.open -= idle.len();
         state.generation += 1;
@@ -213,7 +225,6 @@ impl SessionPool {
 /// C_CloseSession would then close. A forgotten session keeps one reference to the module
 /// context, which lives until the process exits anyway.
 fn dispose(session: Session, lost: bool) {
-    eprintln!("DEBUG {:?} dispose session {} lost {lost}", std::thread::current().id(), session.handle());
     if lost {
         std::mem::forget(session);
     } else {

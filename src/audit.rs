@@ -167,6 +167,9 @@ enum Message {
 
 /// An append-only, hash-chained audit log written by a background thread,
 /// so [`AuditLog::log`] never waits for the disk.
+///
+/// NOTE: the queue to the thread is unbounded. If a write blocks instead of
+/// failing (a hung disk), queued events grow in memory without limit.
 pub struct AuditLog {
     writer: Option<Writer>,
 }
@@ -296,14 +299,14 @@ impl ChainWriter {
         while let Ok(first) = receiver.recv() {
             let mut flush_waiters = Vec::new();
             let mut message = Some(first);
-            let mut taken = 0;
+            let mut messages_taken = 0;
             while let Some(current) = message {
                 match current {
                     Message::Event(event) => self.chain(*event),
                     Message::Flush(done) => flush_waiters.push(done),
                 }
-                taken += 1;
-                message = if taken < MAX_BATCH_MESSAGES { receiver.try_recv().ok() } else { None };
+                messages_taken += 1;
+                message = if messages_taken < MAX_BATCH_MESSAGES { receiver.try_recv().ok() } else { None };
             }
 
             let result = self.write_pending();

@@ -21,7 +21,7 @@ use crate::csr::KeyKind;
 /// positive, and the next bit set so the encoding is minimal and always 16 octets.
 pub const SERIAL_BYTES: usize = 16;
 
-/// Why the CA cannot be loaded or cannot sign.
+/// Failure to load the CA or to sign with it.
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
     #[error("no CA is installed in the ledger; run `sigil init` (and `sigil ca install` for an offline root)")]
@@ -123,7 +123,7 @@ pub struct CaChain {
     pub roots_der: Vec<Vec<u8>>,
 }
 
-/// What the issuing intermediate's certificate says about itself.
+/// Identity and validity of the issuing intermediate, read from its certificate.
 #[derive(Debug, Clone)]
 pub struct CaSummary {
     pub subject: String,
@@ -217,10 +217,10 @@ impl IssuingCa {
 
     /// Builds and signs a leaf from the X509-SVID profile. BLOCKING: it calls the HSM.
     ///
-    /// The certificate's extensions come from the profile alone: one URI SAN with the SPIFFE ID,
-    /// DNS and IP SANs, basicConstraints cA FALSE (critical), keyUsage digitalSignature (and
-    /// keyEncipherment for RSA keys), EKU serverAuth and clientAuth, SKI, and AKI equal to the
-    /// issuer's SKI. notAfter is clamped to the issuer's.
+    /// The certificate's extensions come from the profile alone. It has one URI SAN with the SPIFFE
+    /// ID, DNS and IP SANs, basicConstraints cA FALSE (critical), and keyUsage digitalSignature
+    /// (critical, with keyEncipherment for RSA keys). It also has EKU serverAuth and clientAuth, an
+    /// SKI, and an AKI equal to the issuer's SKI. notAfter is clamped to the issuer's.
     ///
     /// # Errors
     ///

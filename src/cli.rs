@@ -57,7 +57,7 @@ pub struct InitArgs {
     /// Also generate a self-signed development root in the HSM and install the chain.
     #[arg(long, conflicts_with = "csr_out")]
     pub dev_root: bool,
-    /// Where to write the intermediate's CSR (PEM) for an offline root to sign.
+    /// Output file for the intermediate's CSR (PEM), for an offline root to sign.
     #[arg(long, required_unless_present = "dev_root")]
     pub csr_out: Option<PathBuf>,
     /// Validity of the development root and intermediate.

@@ -117,7 +117,7 @@ pub async fn issue_svid(
     let response = client
         .sign_x509_svid(SignX509SvidRequest { csr, ttl_seconds })
         .await
-        .map_err(|status| anyhow::anyhow!("node refused the request: {:?}: {}", status.code(), status.message()))?
+        .map_err(|status| anyhow::anyhow!("request rejected by the node: {:?}: {}", status.code(), status.message()))?
         .into_inner();
 
     std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
@@ -162,7 +162,7 @@ pub async fn status(target: &Target, json: bool) -> anyhow::Result<()> {
     let response = client
         .get_status(GetStatusRequest {})
         .await
-        .map_err(|status| anyhow::anyhow!("node refused the request: {:?}: {}", status.code(), status.message()))?
+        .map_err(|status| anyhow::anyhow!("request rejected by the node: {:?}: {}", status.code(), status.message()))?
         .into_inner();
 
     if json {

@@ -117,7 +117,7 @@ impl Issuer for IssuerService {
     }
 }
 
-/// What the Admin service reports besides the issuance state.
+/// Node facts that the Admin service reports besides the issuance state.
 pub struct NodeInfo {
     pub grpc_address: String,
     pub started: Instant,

@@ -1,5 +1,5 @@
 //! The issuance path shared by every front end: authenticate, check the CSR, apply policy, build
-//! and sign in the HSM off the async runtime, record in the ledger, then answer.
+//! and sign in the HSM off the async runtime, record in the ledger, then respond.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,7 +23,7 @@ pub const PROFILE_NODE_TLS: &str = "node-tls";
 /// Profile name of client credentials issued offline by `sigil ca issue-client`.
 pub const PROFILE_CLIENT_BOOTSTRAP: &str = "client-bootstrap";
 
-/// Why an issuance request failed. `grpc::status_from` maps each variant to a gRPC status.
+/// Failure of an issuance request. `grpc::status_from` maps each variant to a gRPC status.
 #[derive(Debug, thiserror::Error)]
 pub enum IssueError {
     #[error("no client certificate with a SPIFFE ID was presented: {reason}")]
@@ -54,7 +54,7 @@ pub struct IssuedSvid {
     pub roots_der: Vec<Vec<u8>>,
 }
 
-/// Who is asking, as established by the transport.
+/// The caller and request ID, as established by the transport.
 #[derive(Debug, Clone)]
 pub struct RequestContext {
     pub request_id: String,
@@ -139,7 +139,7 @@ impl Issuance {
                 event.status = Some(code.to_owned());
                 event.reason = Some(error.to_string());
                 self.metrics.issued.with_label_values(&[PROFILE_X509_SVID, code]).inc();
-                info!(request_id = %context.request_id, caller = ?event.caller, %error, "x509-svid request refused");
+                info!(request_id = %context.request_id, caller = ?event.caller, %error, "x509-svid request rejected");
             }
         }
         self.audit.log(event);
@@ -269,9 +269,9 @@ impl Issuance {
         self.ledger.record(record).await.map_err(IssueError::Ledger)
     }
 
-    /// Issues a certificate the node needs itself (its TLS server certificate, or a bootstrap
-    /// client credential) for an in-process P-256 key, without caller policy; it is recorded and
-    /// audited like any other.
+    /// Issues a certificate the node needs itself, such as its TLS server certificate or a bootstrap
+    /// client credential, for an in-process P-256 key. Caller policy does not apply, but the
+    /// certificate is recorded and audited like any other.
     ///
     /// # Errors
     ///
@@ -301,8 +301,8 @@ impl Issuance {
     }
 }
 
-/// Fills in what an audit event says about an issued certificate; the decision stays as set, since
-/// monitor mode issues with a would-be refusal.
+/// Adds the issued certificate's serial, notAfter and hash to an audit event. The decision stays as
+/// set, because monitor mode issues with a would-be refusal.
 fn record_issued(event: &mut AuditEvent, leaf: &IssuedLeaf) {
     event.serial = Some(hex::encode(&leaf.serial));
     event.not_after = crate::audit::rfc3339_from_unix(leaf.not_after.unix_timestamp());

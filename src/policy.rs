@@ -137,7 +137,7 @@ pub fn check_dns_name(name: &str) -> Result<(), String> {
     name.split('.').try_for_each(check_dns_label)
 }
 
-/// What a request asks for, as far as policy is concerned.
+/// The parts of a request that policy decides on.
 #[derive(Debug)]
 pub struct PolicyRequest<'a> {
     pub caller: &'a SpiffeId,
@@ -146,7 +146,7 @@ pub struct PolicyRequest<'a> {
     pub ttl: Duration,
 }
 
-/// Why policy denies a request. Each message names the value and what is allowed.
+/// Policy denial of a request. Each message names the value and what is allowed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyDenial {
     #[error("caller {caller} is not listed in the policy")]
@@ -159,7 +159,7 @@ pub enum PolicyDenial {
     Ttl { caller: String, requested_seconds: u64, max_seconds: u64 },
 }
 
-/// Why a caller was throttled.
+/// Rejection of a caller that is over its rate limit.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error(
     "caller {caller} is over its issuance rate limit of {rate_per_second}/s (burst {burst}); retry after {retry_after_ms} ms"
@@ -402,7 +402,8 @@ mod tests {
         assert!(denial.to_string().contains("web.other.td"), "{denial}");
 
         let denial = policy.check(&PolicyRequest { ttl: Duration::from_secs(601), ..request }).expect_err("TTL");
-        assert!(denial.to_string().contains("601s") && denial.to_string().contains("600s"), "{denial}");
+        assert!(denial.to_string().contains("601s"), "{denial}");
+        assert!(denial.to_string().contains("600s"), "{denial}");
     }
 
     #[test]
@@ -412,7 +413,8 @@ mod tests {
         assert!(bucket.take(start).is_ok());
         assert!(bucket.take(start).is_ok());
         let wait = bucket.take(start).expect_err("empty bucket");
-        assert!(wait > Duration::from_millis(90) && wait <= Duration::from_millis(100), "{wait:?}");
+        assert!(wait > Duration::from_millis(90), "{wait:?}");
+        assert!(wait <= Duration::from_millis(100), "{wait:?}");
         assert!(bucket.take(start + Duration::from_millis(100)).is_ok());
         assert!(bucket.take(start + Duration::from_millis(100)).is_err());
     }
@@ -425,6 +427,7 @@ mod tests {
         assert!(policy.take_token(&caller).is_ok());
         let limited = policy.take_token(&caller).expect_err("third request within burst 2");
         let message = limited.to_string();
-        assert!(message.contains("spiffe://td/client") && message.contains("1/s"), "{message}");
+        assert!(message.contains("spiffe://td/client"), "{message}");
+        assert!(message.contains("1/s"), "{message}");
     }
 }

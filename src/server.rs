@@ -44,7 +44,7 @@ pub fn open_hsm(config: &Config, registry: Option<&prometheus::Registry>) -> any
     Hsm::open(&config.hsm_config(), pin, metrics).context("open HSM")
 }
 
-/// Loads the active CA from the ledger and proves that the HSM holds its key.
+/// Loads the active CA from the ledger and proves that the HSM contains its key.
 ///
 /// # Errors
 ///

@@ -1,6 +1,6 @@
 //! Offline set-up commands: token initialization, CA key generation, installing a signed
-//! intermediate, and bootstrapping a client credential. They need the node to be stopped, since
-//! the node holds the ledger open.
+//! intermediate, and bootstrapping a client credential. They need the node to be stopped, because
+//! a running node keeps the ledger open.
 
 use std::path::Path;
 use std::time::Duration;
@@ -130,7 +130,7 @@ fn install_chain(ledger: &Ledger, key_label: &str, chain: CaChain) -> anyhow::Re
 ///
 /// # Errors
 ///
-/// Names the file when it cannot be read or holds no certificate.
+/// Names the file when it cannot be read or contains no certificate.
 pub fn read_pem_certificates(path: &Path) -> anyhow::Result<Vec<Vec<u8>>> {
     let text = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
     let blocks = pem::parse_many(&text).with_context(|| format!("parse PEM in {}", path.display()))?;

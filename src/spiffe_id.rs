@@ -15,7 +15,7 @@ pub struct SpiffeId {
     trust_domain_len: usize,
 }
 
-/// Why a string is not a valid SPIFFE ID or trust domain.
+/// Rejection of a string as a SPIFFE ID or trust domain, with the rule it breaks.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpiffeIdError {
     #[error("invalid SPIFFE ID {id:?}: {reason}")]

@@ -50,7 +50,7 @@ pub fn certified_key(chain: Vec<CertificateDer<'static>>, pkcs8_der: Vec<u8>) ->
 }
 
 /// Builds the server configuration: any client certificate must chain to `roots`, and clients
-/// without one may connect so that the service can answer UNAUTHENTICATED with a reason.
+/// without one may connect so that the service can return UNAUTHENTICATED with a reason.
 ///
 /// # Errors
 ///

@@ -45,7 +45,7 @@ pub(crate) struct Applied {
     pub(crate) outcome: Result<CommandResult, Rejection>,
 }
 
-/// Why a command was rejected, one entry per offending record.
+/// The reasons a command was rejected, one entry per offending record.
 #[derive(Debug)]
 pub(crate) struct Rejection {
     pub(crate) offenders: Vec<Offender>,

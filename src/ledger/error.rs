@@ -24,8 +24,8 @@ pub enum LedgerError {
 
     /// Stored data could not be decoded, which means the database is
     /// corrupt or was written by an incompatible version.
-    #[error("decode stored {what}: {reason}")]
-    Decode { what: String, reason: String },
+    #[error("decode stored {item}: {reason}")]
+    Decode { item: String, reason: String },
 
     #[error("open ledger at {path}: schema version {found} is not supported, expected {expected}")]
     UnsupportedSchema { path: String, found: u64, expected: u64 },

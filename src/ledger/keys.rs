@@ -51,10 +51,10 @@ pub(crate) fn ca_version_key(version: u64) -> [u8; 8] {
     version.to_be_bytes()
 }
 
-/// Decodes an 8-byte big-endian `u64`, naming `what` if the length is wrong.
-pub(crate) fn decode_u64(what: &str, value: &[u8]) -> Result<u64, LedgerError> {
+/// Decodes an 8-byte big-endian `u64`, naming `item` if the length is wrong.
+pub(crate) fn decode_u64(item: &str, value: &[u8]) -> Result<u64, LedgerError> {
     let bytes: [u8; 8] = value.try_into().map_err(|_| LedgerError::Decode {
-        what: what.to_owned(),
+        item: item.to_owned(),
         reason: format!("expected 8 bytes, found {}", value.len()),
     })?;
     Ok(u64::from_be_bytes(bytes))

@@ -66,14 +66,14 @@ pub struct LedgerStats {
     /// `RecordIssuances` commands written, from the group-commit writer or `apply`.
     pub batches_written: u64,
     pub records_written: u64,
-    /// Most records written by one `RecordIssuances` command.
+    /// Maximum number of records written by one `RecordIssuances` command.
     pub largest_batch: u64,
     pub rejected_commands: u64,
     /// Batches the writer applied again after removing rejected records.
     pub batch_retries: u64,
 }
 
-/// The ledger. Share it with `Arc`; dropping it stops the writer thread
+/// The ledger. Share it with `Arc`. Dropping it stops the writer thread
 /// after the queued records are written, then closes the database.
 pub struct Ledger {
     store: Arc<Store>,

@@ -119,7 +119,7 @@ impl Store {
         Ok(versions)
     }
 
-    /// Returns the bucket of `serial` if the serial index holds it and its
+    /// Returns the bucket of `serial` if the serial index contains it and its
     /// record has not been purged. Entries below the purge cutoff may still
     /// be on disk until the compaction filter drops them, so they are
     /// treated as absent here, independent of compaction timing.
@@ -168,11 +168,11 @@ fn column_family_options() -> Options {
 /// Options of the `serials` column family. Its compaction filter drops
 /// index entries whose bucket is below the purge cutoff: their records were
 /// range-deleted from `issuance`, and `Store::live_bucket` already ignores
-/// them, so dropping them changes no result. RocksDB runs it only when a
-/// compaction touches the file; with a compaction filter set, leveled
+/// them, so dropping them changes no result. RocksDB runs the filter only
+/// when a compaction reads the file. With a compaction filter set, leveled
 /// compaction also rewrites files older than 30 days by default
-/// (`periodic_compaction_seconds` in RocksDB 11.8, the version that
-/// librocksdb-sys 0.19 builds).
+/// (`periodic_compaction_seconds` in RocksDB 11.8, which librocksdb-sys 0.19
+/// builds).
 fn serials_options(purge_cutoff: Arc<AtomicU64>) -> Options {
     let mut options = column_family_options();
     options.set_compaction_filter("sigil_purged_serials", move |_level: u32, _key: &[u8], value: &[u8]| {
@@ -205,7 +205,7 @@ fn load_state(db: &DB, path: &Path) -> Result<LedgerState, LedgerError> {
         }
         None if read_u64(META_APPLIED_INDEX)?.is_some() => {
             return Err(LedgerError::Decode {
-                what: "meta key schema_version".to_owned(),
+                item: "meta key schema_version".to_owned(),
                 reason: format!("missing in the ledger at {}", path.display()),
             });
         }
@@ -217,7 +217,7 @@ fn load_state(db: &DB, path: &Path) -> Result<LedgerState, LedgerError> {
         .map_err(|cause| LedgerError::storage("read ledger meta key digest", cause))?;
     let digest = match digest_value {
         Some(bytes) => <[u8; 32]>::try_from(bytes.as_ref()).map_err(|_| LedgerError::Decode {
-            what: "meta key digest".to_owned(),
+            item: "meta key digest".to_owned(),
             reason: format!("expected 32 bytes, found {}", bytes.len()),
         })?,
         None => [0; 32],
@@ -246,6 +246,6 @@ fn initialize(db: &DB, path: &Path) -> Result<(), LedgerError> {
         .map_err(|cause| LedgerError::storage(format!("initialize ledger at {}", path.display()), cause))
 }
 
-pub(crate) fn decode_message<M: Message + Default>(what: &str, bytes: &[u8]) -> Result<M, LedgerError> {
-    M::decode(bytes).map_err(|error| LedgerError::Decode { what: what.to_owned(), reason: error.to_string() })
+pub(crate) fn decode_message<M: Message + Default>(item: &str, bytes: &[u8]) -> Result<M, LedgerError> {
+    M::decode(bytes).map_err(|error| LedgerError::Decode { item: item.to_owned(), reason: error.to_string() })
 }

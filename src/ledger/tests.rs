@@ -314,10 +314,10 @@ fn purge_drops_expired_buckets() {
     let base = NOT_AFTER;
     let expired = [record_with(serial(1), base), record_with(serial(2), base + HOUR - 1)];
     let partial_hour = record_with(serial(3), base + HOUR + 10);
-    let kept = record_with(serial(4), base + 5 * HOUR);
+    let later = record_with(serial(4), base + 5 * HOUR);
     let mut all = expired.to_vec();
     all.push(partial_hour.clone());
-    all.push(kept.clone());
+    all.push(later.clone());
     ledger.apply(&Command::record_issuances(all)).expect("record issuances");
 
     // Cutoff is inside the hour of `partial_hour`, which therefore stays.
@@ -326,7 +326,7 @@ fn purge_drops_expired_buckets() {
     assert_eq!(ledger.issuance(&serial(1)).expect("read issuance"), None);
     assert_eq!(ledger.issuance(&serial(2)).expect("read issuance"), None);
     assert_eq!(ledger.issuance(&serial(3)).expect("read issuance"), Some(partial_hour));
-    assert_eq!(ledger.issuance(&serial(4)).expect("read issuance"), Some(kept));
+    assert_eq!(ledger.issuance(&serial(4)).expect("read issuance"), Some(later));
     assert_eq!(ledger.issuance_count(), 2);
 
     let repeated = ledger.apply(&Command::purge_expired(base)).expect("purge with older cutoff");

@@ -141,3 +141,55 @@ async fn ttl_is_clamped_to_the_intermediate_not_after() {
     let ca_not_after = intermediate.validity().not_after.timestamp();
     assert_eq!(response.not_after, ca_not_after, "leaf notAfter is clamped to the intermediate's");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn issue_svid_command_writes_key_chain_and_bundle() {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    let mut deployment = TestDeployment::create();
+    deployment.start();
+    let out = deployment.root.path().join("cli-svid");
+    let client = deployment.dir.join("client");
+    let output = Command::new(sigil_bin())
+        .args(["issue", "svid", "--server", &deployment.grpc_address()])
+        .arg("--cert")
+        .arg(client.join("cert.pem"))
+        .arg("--key")
+        .arg(client.join("key.pem"))
+        .arg("--ca")
+        .arg(deployment.dir.join("bundle.pem"))
+        .args(["--spiffe-id", "spiffe://example.org/cli/web", "--dns", "web.example.org", "--ttl", "15m", "--out"])
+        .arg(&out)
+        .output()
+        .expect("run sigil issue svid");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+
+    let chain = std::fs::read_to_string(out.join("svid.pem")).expect("read svid.pem");
+    assert_eq!(chain.matches("BEGIN CERTIFICATE").count(), 2, "leaf then one intermediate");
+    let key_mode = std::fs::metadata(out.join("svid.key")).expect("svid.key exists").permissions().mode();
+    assert_eq!(key_mode & 0o777, 0o600, "svid.key is readable by its owner only");
+    let bundle = std::fs::read_to_string(out.join("bundle.pem")).expect("read bundle.pem");
+    assert_eq!(bundle, std::fs::read_to_string(deployment.dir.join("bundle.pem")).expect("read dev bundle"));
+
+    let leaf_der = pem::parse(&chain).expect("PEM").into_contents();
+    let (_, leaf) = X509Certificate::from_der(&leaf_der).expect("parse leaf");
+    let lifetime = leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
+    assert_eq!(lifetime, 15 * 60 + 30, "15 minutes plus the 30-second backdate");
+
+    let refused = Command::new(sigil_bin())
+        .args(["issue", "svid", "--server", &deployment.grpc_address()])
+        .arg("--cert")
+        .arg(client.join("cert.pem"))
+        .arg("--key")
+        .arg(client.join("key.pem"))
+        .arg("--ca")
+        .arg(deployment.dir.join("bundle.pem"))
+        .args(["--spiffe-id", "spiffe://other.org/web", "--out"])
+        .arg(deployment.root.path().join("refused"))
+        .output()
+        .expect("run sigil issue svid");
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("InvalidArgument"), "{stderr}");
+    assert!(stderr.contains("other.org"), "{stderr}");
+}

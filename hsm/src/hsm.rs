@@ -490,6 +490,8 @@ impl Hsm {
     /// Login state is shared by all sessions of the process, so another thread may have
     /// logged in again between the search and this check. `logins_before`, the pool's login
     /// snapshot taken before the search, and the pool generation show whether that happened.
+    /// NOTE: logins by other `Hsm` values on the same token in this process are not tracked,
+    /// so during such a login a missing key can still be reported as not found.
     fn explain_missing_key(
         &self,
         session: &Session,

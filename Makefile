@@ -22,7 +22,10 @@ build: prereqs
 demo: build
 	scripts/demo.sh "$(SIGIL)"
 
+# SoftHSM loads every token in its folder at start-up, so in-process HSM tests start from an empty
+# folder (see .cargo/softhsm2-test.conf).
 test: build
+	rm -rf /tmp/sigil-test-tokens
 	cargo test --release --workspace
 
 bench: build

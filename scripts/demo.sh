@@ -51,7 +51,7 @@ step "Issuing two X509-SVIDs"
 step "Verifying both with openssl against the root, intermediates untrusted"
 for who in server client; do
     dir="$work/$who"
-    # svid.pem holds the leaf first, then the intermediates.
+    # svid.pem contains the leaf first, then the intermediates.
     awk 'BEGIN{n=0} /BEGIN CERT/{n++} n==1' "$dir/svid.pem" >"$dir/leaf.pem"
     awk 'BEGIN{n=0} /BEGIN CERT/{n++} n>1' "$dir/svid.pem" >"$dir/intermediates.pem"
     openssl verify -CAfile "$dir/bundle.pem" -untrusted "$dir/intermediates.pem" "$dir/leaf.pem"

@@ -37,6 +37,7 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 ///
 /// Fails when set-up fails, a node does not become ready, or a node is already running.
 pub async fn run(args: &DevArgs) -> anyhow::Result<()> {
+    let mut signals = crate::server::StopSignals::install()?;
     if args.nodes != 1 {
         bail!("--nodes {} is not supported yet: this version runs a single node; use --nodes 1", args.nodes);
     }
@@ -83,7 +84,7 @@ pub async fn run(args: &DevArgs) -> anyhow::Result<()> {
         .context("write endpoints.json")?;
     print_summary(&dir, &endpoints);
 
-    let outcome = wait_for_stop(&mut nodes).await;
+    let outcome = wait_for_stop(&mut signals, &mut nodes).await;
     stop_nodes(&layout, &mut nodes);
     let _ = std::fs::remove_file(dir.join("endpoints.json"));
     info!("dev deployment stopped");
@@ -318,12 +319,10 @@ fn print_summary(dir: &Path, endpoints: &Endpoints) {
 }
 
 /// Waits for SIGINT/SIGTERM, or fails when a node exits by itself.
-async fn wait_for_stop(nodes: &mut [(u64, Child)]) -> anyhow::Result<()> {
-    let signal = crate::server::wait_for_signal();
-    tokio::pin!(signal);
+async fn wait_for_stop(signals: &mut crate::server::StopSignals, nodes: &mut [(u64, Child)]) -> anyhow::Result<()> {
     loop {
         tokio::select! {
-            () = &mut signal => return Ok(()),
+            () = signals.wait() => return Ok(()),
             () = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
         for (id, child) in nodes.iter_mut() {

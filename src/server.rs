@@ -72,6 +72,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
 async fn serve_node(config: Config) -> anyhow::Result<()> {
     let started = Instant::now();
+    let mut signals = StopSignals::install()?;
     info!(trust_domain = %config.trust_domain, grpc = %config.listen.grpc, metrics = %config.listen.metrics, "node starting");
 
     let registry = prometheus::Registry::new();
@@ -133,7 +134,7 @@ async fn serve_node(config: Config) -> anyhow::Result<()> {
     metrics.ready.set(1);
     info!(elapsed_ms = started.elapsed().as_millis() as u64, "node ready");
 
-    wait_for_signal().await;
+    signals.wait().await;
     info!("node stopping");
     health.set_ready(false);
     metrics.ready.set(0);
@@ -266,18 +267,32 @@ async fn wait_for(mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-/// Waits for SIGINT or SIGTERM.
-pub async fn wait_for_signal() {
-    let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(signal) => signal,
-        Err(error) => {
-            error!(%error, "install SIGTERM handler failed; only SIGINT stops the node");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// SIGINT and SIGTERM listeners. Install them before announcing readiness: a signal that
+/// arrives before they exist kills the process with the default action.
+pub struct StopSignals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Installs the listeners.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the runtime cannot register a signal handler.
+    pub fn install() -> anyhow::Result<StopSignals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignals {
+            interrupt: signal(SignalKind::interrupt()).context("install SIGINT handler")?,
+            terminate: signal(SignalKind::terminate()).context("install SIGTERM handler")?,
+        })
+    }
+
+    /// Waits for SIGINT or SIGTERM.
+    pub async fn wait(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => info!("SIGINT received"),
+            _ = self.terminate.recv() => info!("SIGTERM received"),
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
-        _ = terminate.recv() => info!("SIGTERM received"),
     }
 }

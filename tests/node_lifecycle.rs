@@ -84,7 +84,8 @@ async fn status_command_prints_json_for_scripts() {
 
     let table = Command::new(sigil_bin()).args(["status", "--dev-dir"]).arg(&deployment.dir).output().expect("run");
     let text = String::from_utf8_lossy(&table.stdout);
-    assert!(text.contains("standalone") && text.contains("true"), "{text}");
+    assert!(text.contains("standalone"), "{text}");
+    assert!(text.contains("true"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

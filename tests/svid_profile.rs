@@ -114,7 +114,7 @@ async fn svid_follows_profile_not_csr_extensions() {
     let work = deployment.root.path().join("profile");
     std::fs::create_dir_all(&work).expect("create work folder");
 
-    // The CSR asks for a CA certificate, keyCertSign and codeSigning, all critical; the profile
+    // The CSR requests a CA certificate, keyCertSign and codeSigning, all critical; the profile
     // must ignore every one of them.
     let csr = openssl_csr(
         &work,
@@ -147,10 +147,12 @@ async fn svid_follows_profile_not_csr_extensions() {
     assert!(key_usage.critical, "keyUsage is critical");
     assert!(key_usage.value.digital_signature());
     assert!(key_usage.value.key_encipherment(), "RSA keys get keyEncipherment");
-    assert!(!key_usage.value.key_cert_sign() && !key_usage.value.crl_sign());
+    assert!(!key_usage.value.key_cert_sign(), "keyCertSign from the CSR is not copied");
+    assert!(!key_usage.value.crl_sign(), "cRLSign from the CSR is not copied");
 
     let eku = leaf.extended_key_usage().expect("EKU parses").expect("EKU present");
-    assert!(eku.value.server_auth && eku.value.client_auth);
+    assert!(eku.value.server_auth);
+    assert!(eku.value.client_auth);
     assert!(!eku.value.code_signing, "codeSigning from the CSR is not copied");
 
     let san = leaf.subject_alternative_name().expect("SAN parses").expect("SAN present");
@@ -179,7 +181,8 @@ async fn svid_follows_profile_not_csr_extensions() {
     assert_eq!(aki, issuer_ski, "AKI equals the issuer's SKI");
 
     let serial = leaf.raw_serial();
-    assert!(serial.len() <= 20 && serial.len() >= 8, "serial is {} octets", serial.len());
+    assert!(serial.len() <= 20, "serial is {} octets", serial.len());
+    assert!(serial.len() >= 8, "serial is {} octets", serial.len());
     assert_eq!(serial[0] & 0x80, 0, "serial is positive");
 
     let not_before = leaf.validity().not_before.to_datetime();
@@ -190,7 +193,8 @@ async fn svid_follows_profile_not_csr_extensions() {
         "backdated by {backdate}"
     );
     let lifetime = not_after - requested_at;
-    assert!(lifetime > time::Duration::seconds(590) && lifetime <= time::Duration::seconds(602), "lifetime {lifetime}");
+    assert!(lifetime > time::Duration::seconds(590), "lifetime {lifetime}");
+    assert!(lifetime <= time::Duration::seconds(602), "lifetime {lifetime}");
     assert_eq!(response.not_after, not_after.unix_timestamp());
     assert_eq!(response.serial, hex::encode(serial));
 }

@@ -87,8 +87,8 @@ fn spki(algorithm_content: &[u8], subject_public_key: &[u8]) -> Vec<u8> {
 ///
 /// PKCS#11 defines CKA_EC_POINT as the DER encoding of an OCTET STRING that contains the
 /// point, but some modules return the bare point. `point_len` is the length of an
-/// uncompressed point on the key's curve (`1 + 2 * field size`). It tells the two forms
-/// apart, because a bare point has exactly that length and a wrapped one is longer.
+/// uncompressed point on the key's curve (`1 + 2 * field size`). The length distinguishes the
+/// two forms, because a bare point has exactly that length and a wrapped one is longer.
 pub(crate) fn ec_point_from_attribute(value: &[u8], point_len: usize) -> Result<&[u8], HsmError> {
     let point = if value.len() == point_len {
         value

@@ -54,8 +54,8 @@ pub enum HsmError {
     #[error("key generation failed: a key with label \"{label}\" already exists")]
     KeyExists { label: String },
 
-    #[error("unsupported key: {what}")]
-    UnsupportedKey { what: String },
+    #[error("unsupported key: {reason}")]
+    UnsupportedKey { reason: String },
 
     #[error("unknown key type \"{0}\": expected ec-p256, ec-p384 or rsa-3072")]
     UnknownKeyType(String),

@@ -364,7 +364,7 @@ impl Hsm {
         der::ecdsa_raw_to_der(&signature)
     }
 
-    /// Returns the ID of the slot that holds the token. Tests use it to open sessions with
+    /// Returns the ID of the slot that contains the token. Tests use it to open sessions with
     /// raw cryptoki calls without reading the slot list, see `SLOT_LIST_LOCK`.
     #[doc(hidden)]
     pub fn slot_id_for_test(&self) -> u64 {

@@ -16,12 +16,14 @@
 //! | `ec-p384`  | SHA-384 in this process (ring) | `CKM_ECDSA`            | DER `ECDSA-Sig-Value`        |
 //! | `rsa-3072` | SHA-256 on the token           | `CKM_SHA256_RSA_PKCS`  | raw PKCS #1 v1.5 signature   |
 //!
-//! A caller waits at most [`SESSION_WAIT_TIMEOUT`] for a free session. If the token reports
-//! the sessions lost or logged out (CKR_SESSION_HANDLE_INVALID, CKR_SESSION_CLOSED,
-//! CKR_DEVICE_REMOVED, CKR_TOKEN_NOT_PRESENT, CKR_USER_NOT_LOGGED_IN or CKR_DEVICE_ERROR),
-//! the pool discards its sessions, finds the token again, opens new sessions, logs in, looks
-//! the key up again by CKA_ID and retries the operation once. Each such recovery logs a
-//! warning and increments `sigil_hsm_session_recoveries_total`.
+//! A caller waits at most [`SESSION_WAIT_TIMEOUT`] for a free session.
+//!
+//! The pool recovers when an operation fails with CKR_SESSION_HANDLE_INVALID,
+//! CKR_SESSION_CLOSED, CKR_DEVICE_REMOVED, CKR_TOKEN_NOT_PRESENT, CKR_USER_NOT_LOGGED_IN or
+//! CKR_DEVICE_ERROR, or finds no private key because the user was logged out. It discards its
+//! sessions, finds the token again, opens new sessions and logs in. The operation then runs
+//! once more and looks the key up again by CKA_ID. Each recovery logs a warning and
+//! increments `sigil_hsm_session_recoveries_total`.
 //!
 //! # Keys
 //!

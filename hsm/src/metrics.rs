@@ -13,7 +13,7 @@ impl HsmMetrics {
     ///
     /// # Errors
     ///
-    /// Fails if `registry` already holds metrics with the same names.
+    /// Fails if `registry` already contains metrics with the same names.
     pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
         let metrics = Self::create()?;
         registry.register(Box::new(metrics.sign_duration.clone()))?;

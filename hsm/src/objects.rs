@@ -56,7 +56,7 @@ pub(crate) fn describe_private_key(session: &Session, handle: ObjectHandle) -> R
 
     if id.is_empty() {
         return Err(HsmError::UnsupportedKey {
-            what: format!(
+            reason: format!(
                 "private key \"{label}\" has no CKA_ID, which Sigil needs to find the key again \
                  after a session recovery"
             ),
@@ -68,7 +68,7 @@ pub(crate) fn describe_private_key(session: &Session, handle: ObjectHandle) -> R
         (Some(Pkcs11KeyType::EC), Some(OID_P384), _) => KeyType::EcP384,
         (Some(Pkcs11KeyType::EC), params, _) => {
             return Err(HsmError::UnsupportedKey {
-                what: format!(
+                reason: format!(
                     "EC key \"{label}\" has CKA_EC_PARAMS {}, but Sigil supports only P-256 and \
                      P-384",
                     params.map_or_else(|| "(missing)".to_owned(), hex)
@@ -78,7 +78,7 @@ pub(crate) fn describe_private_key(session: &Session, handle: ObjectHandle) -> R
         (Some(Pkcs11KeyType::RSA), _, Some(modulus)) if modulus_bits(modulus) == 3072 => KeyType::Rsa3072,
         (Some(Pkcs11KeyType::RSA), _, modulus) => {
             return Err(HsmError::UnsupportedKey {
-                what: format!(
+                reason: format!(
                     "RSA key \"{label}\" has a {}-bit modulus, but Sigil supports only 3072 bits",
                     modulus.map_or(0, modulus_bits)
                 ),
@@ -86,7 +86,7 @@ pub(crate) fn describe_private_key(session: &Session, handle: ObjectHandle) -> R
         }
         (other, _, _) => {
             return Err(HsmError::UnsupportedKey {
-                what: format!(
+                reason: format!(
                     "key \"{label}\" has CKA_KEY_TYPE {}, but Sigil supports only EC and RSA keys",
                     other.map_or_else(|| "(missing)".to_owned(), |key_type| key_type.to_string())
                 ),

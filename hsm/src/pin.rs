@@ -6,7 +6,7 @@ use zeroize::Zeroizing;
 
 use crate::HsmError;
 
-/// A token PIN. The memory that holds it is zeroed on drop, it cannot be cloned, and its
+/// A token PIN. The memory that contains it is zeroed on drop, it cannot be cloned, and its
 /// `Debug` output is `Pin(..)`.
 pub struct Pin(Zeroizing<String>);
 
@@ -22,7 +22,7 @@ impl Pin {
     /// # Errors
     ///
     /// [`HsmError::InvalidPinSource`] naming the path if the file cannot be read, is not
-    /// UTF-8 or holds an empty PIN.
+    /// UTF-8 or contains an empty PIN.
     pub fn from_file(path: &Path) -> Result<Pin, HsmError> {
         let invalid =
             |reason: String| HsmError::InvalidPinSource { origin: format!("file {}", path.display()), reason };

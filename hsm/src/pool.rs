@@ -14,7 +14,8 @@ use crate::error::{ckr_name, from_cryptoki};
 use crate::module::find_token;
 use crate::{HsmError, Pin, TokenSelector};
 
-/// What the pool needs to find its token again and log in to it.
+/// Module context, token selector and PIN, with which the pool finds its token again and
+/// logs in.
 pub(crate) struct TokenAccess {
     pub(crate) context: Pkcs11,
     pub(crate) module: PathBuf,
@@ -251,7 +252,7 @@ impl Lease<'_> {
     }
 
     fn pooled(&self) -> &PooledSession {
-        self.pooled.as_ref().expect("a lease holds its session until it is dropped")
+        self.pooled.as_ref().expect("a lease keeps its session until it is dropped")
     }
 }
 

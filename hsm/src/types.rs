@@ -4,12 +4,12 @@ use std::str::FromStr;
 
 use crate::HsmError;
 
-/// Where the HSM is and how many sessions Sigil keeps open on it.
+/// Location of the PKCS#11 module and token, and the size of the session pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HsmConfig {
     /// Path of the PKCS#11 module (shared library).
     pub module: PathBuf,
-    /// Token that holds the keys.
+    /// Token that contains the keys.
     pub token: TokenSelector,
     /// Number of sessions in the pool, which is also the maximum number of operations in
     /// flight. 0 means two per available CPU core.

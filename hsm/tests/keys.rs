@@ -233,6 +233,7 @@ fn open_by_serial_number() {
 
 #[test]
 fn open_unknown_token_fails() {
+    // A fresh token makes sure the token directory exists and the module loads.
     common::new_token("unknown");
     let config = common::config("test-no-such-token", 1);
     let error =

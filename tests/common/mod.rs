@@ -127,7 +127,7 @@ impl TestDeployment {
         out
     }
 
-    /// Starts `sigil serve` and waits until /readyz answers.
+    /// Starts `sigil serve` and waits until /readyz returns 200.
     pub fn start(&mut self) {
         assert!(self.node.is_none(), "node already running");
         let log = std::fs::File::create(self.node_dir().join("node.log")).expect("create node.log");

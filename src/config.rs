@@ -97,6 +97,10 @@ pub struct IssuanceSection {
     /// TTL of the node's own TLS server certificate, which it re-issues at half life.
     #[serde(with = "humantime_serde", default = "default_node_cert_ttl")]
     pub node_cert_ttl: Duration,
+    /// How long issuance records are kept after their certificate expires. The node drops older
+    /// records at start and every hour, in whole hours of expiry.
+    #[serde(with = "humantime_serde", default = "default_retention")]
+    pub retention: Duration,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -191,6 +195,9 @@ fn default_backdate() -> Duration {
 fn default_node_cert_ttl() -> Duration {
     Duration::from_secs(24 * 3600)
 }
+fn default_retention() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
 fn default_log_level() -> String {
     "info".to_owned()
 }
@@ -210,6 +217,7 @@ impl Default for IssuanceSection {
             default_ttl: default_ttl(),
             backdate: default_backdate(),
             node_cert_ttl: default_node_cert_ttl(),
+            retention: default_retention(),
         }
     }
 }
@@ -319,6 +327,9 @@ impl Config {
                 seconds(issuance.node_cert_ttl),
                 "must be between 10 minutes and 30 days",
             ));
+        }
+        if issuance.retention < Duration::from_secs(3600) {
+            return Err(invalid("issuance.retention", seconds(issuance.retention), "must be at least 1 hour"));
         }
         Ok(())
     }

@@ -114,6 +114,10 @@ async fn serve_node(config: Config) -> anyhow::Result<()> {
     let metrics_listener = crate::metrics::bind(config.listen.metrics).await?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    purge_once(&ledger, config.issuance.retention).await;
+    let purge = tokio::spawn(
+        purge_expired_records(Arc::clone(&ledger), config.issuance.retention, shutdown_rx.clone()).in_current_span(),
+    );
     let renewal = tokio::spawn(
         renew_node_certificate(config.clone(), Arc::clone(&issuance), resolver, shutdown_rx.clone()).in_current_span(),
     );
@@ -147,6 +151,7 @@ async fn serve_node(config: Config) -> anyhow::Result<()> {
         error!(%error, "metrics server stopped with an error");
     }
     renewal.abort();
+    purge.abort();
     if let Err(error) = audit.flush() {
         error!(%error, "flush audit log failed");
     }
@@ -211,6 +216,33 @@ async fn renew_node_certificate(
                 wait = Duration::from_secs(60);
             }
         }
+    }
+}
+
+/// How often the node drops issuance records older than the retention window.
+const PURGE_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Drops issuance records of certificates that expired more than `retention` ago, every hour
+/// after the purge that start-up runs. The ledger deletes whole expiry buckets by range, so this
+/// never scans records.
+async fn purge_expired_records(ledger: Arc<Ledger>, retention: Duration, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(PURGE_INTERVAL) => {}
+            _ = shutdown.changed() => return,
+        }
+        purge_once(&ledger, retention).await;
+    }
+}
+
+async fn purge_once(ledger: &Arc<Ledger>, retention: Duration) {
+    let cutoff = time::OffsetDateTime::now_utc() - retention;
+    let command = crate::ledger::Command::purge_expired(cutoff.unix_timestamp());
+    let task_ledger = Arc::clone(ledger);
+    match tokio::task::spawn_blocking(move || task_ledger.apply(&command)).await {
+        Ok(Ok(outcome)) => info!(result = ?outcome.result, index = outcome.index, "purged expired issuance records"),
+        Ok(Err(error)) => warn!(%error, "purge expired issuance records failed; retrying in an hour"),
+        Err(error) => error!(%error, "purge task failed; retrying in an hour"),
     }
 }
 

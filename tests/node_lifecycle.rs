@@ -25,9 +25,10 @@ async fn restart_keeps_the_ledger() {
 
     deployment.start();
     let after = deployment.node_status().await;
-    // The restarted node records one more certificate: its own new TLS server certificate.
+    // The restarted node records one more certificate, its own new TLS server certificate, and
+    // applies two more commands: the start-up purge of expired records and that record.
     assert_eq!(after.issued_total, before.issued_total + 1);
-    assert_eq!(after.applied_index, before.applied_index + 1);
+    assert_eq!(after.applied_index, before.applied_index + 2);
     assert_eq!(after.ca.as_ref().map(|c| &c.fingerprint_sha256), before.ca.as_ref().map(|c| &c.fingerprint_sha256));
 }
 
@@ -193,4 +194,47 @@ async fn issue_svid_command_writes_key_chain_and_bundle() {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("InvalidArgument"), "{stderr}");
     assert!(stderr.contains("other.org"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn start_up_purges_records_past_retention() {
+    use sigil::ledger::{Command as LedgerCommand, IssuanceRecord, Ledger};
+
+    let mut deployment = TestDeployment::create();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let record = |serial: u8, hours_ago: i64| IssuanceRecord {
+        serial: vec![0x40, serial],
+        spiffe_id: "spiffe://example.org/old".into(),
+        not_after_unix: now - hours_ago * 3600,
+        issued_at_unix: now - hours_ago * 3600 - 3600,
+        caller: common::ADMIN_ID.into(),
+        profile: "x509-svid".into(),
+        cert_sha256: vec![0; 32],
+    };
+    {
+        // The node is stopped, so the test may open its ledger directly.
+        let ledger = Ledger::open(deployment.node_dir().join("data/ledger")).expect("open ledger");
+        ledger
+            .apply(&LedgerCommand::record_issuances(vec![record(1, 72), record(2, 2)]))
+            .expect("record old certificates");
+        assert_eq!(
+            ledger.issuance(&[0x40, 1]).expect("read").map(|r| r.spiffe_id),
+            Some("spiffe://example.org/old".into())
+        );
+    }
+
+    // With a retention of one day, the record that expired 3 days ago goes and the one that
+    // expired 2 hours ago stays.
+    let mut table = deployment.config_table();
+    let issuance = table.entry("issuance").or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    issuance.as_table_mut().expect("issuance table").insert("retention".into(), "1day".into());
+    deployment.write_config(&table);
+    deployment.start();
+    let status = deployment.node_status().await;
+    assert!(deployment.stop().success());
+
+    let ledger = Ledger::open(deployment.node_dir().join("data/ledger")).expect("reopen ledger");
+    assert_eq!(ledger.issuance(&[0x40, 1]).expect("read"), None, "expired 3 days ago: purged");
+    assert!(ledger.issuance(&[0x40, 2]).expect("read").is_some(), "expired 2 hours ago: kept");
+    assert_eq!(ledger.issuance_count(), status.issued_total);
 }

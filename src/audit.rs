@@ -464,7 +464,7 @@ fn resume_chain(file: &File, path: &Path) -> Result<(String, u64), AuditError> {
     Ok((hash, complete_len))
 }
 
-/// Reads the end of the file, growing the read until it holds the last
+/// Reads the end of the file, growing the read until it contains the last
 /// complete line whole. Returns the bytes and their offset in the file.
 fn read_tail(file: &File, len: u64) -> io::Result<(Vec<u8>, u64)> {
     let mut window = TAIL_READ_BYTES;
@@ -473,7 +473,7 @@ fn read_tail(file: &File, len: u64) -> io::Result<(Vec<u8>, u64)> {
         let mut tail = vec![0; (len - start) as usize];
         file.read_exact_at(&mut tail, start)?;
         // The last complete line is whole once the read starts at the file
-        // start or holds the newline before it.
+        // start or contains the newline before it.
         let whole = match tail.iter().rposition(|&byte| byte == b'\n') {
             Some(last) => tail[..last].contains(&b'\n'),
             None => false,

@@ -88,7 +88,7 @@ pub struct CaSection {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IssuanceSection {
-    /// TTL when a request asks for none.
+    /// TTL used when a request sets none.
     #[serde(with = "humantime_serde", default = "default_ttl")]
     pub default_ttl: Duration,
     /// How far notBefore is set back to tolerate clock skew between machines.
@@ -146,7 +146,7 @@ pub enum PolicyMode {
     Monitor,
 }
 
-/// What one caller, named by the SPIFFE ID in its client certificate, may request.
+/// Policy entry of one caller, named by the SPIFFE ID in its client certificate.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CallerPolicy {

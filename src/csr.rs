@@ -61,7 +61,7 @@ pub struct CheckedCsr {
     pub dns_names: Vec<String>,
 }
 
-/// Why a CSR was rejected. Every message names the bad value and what is accepted.
+/// Rejection of a CSR. Every message names the bad value and what is accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CsrError {
     #[error("CSR is empty")]

@@ -281,7 +281,7 @@ fn wait_until_ready(config: &Config, child: &mut Child, log: &Path) -> anyhow::R
     )
 }
 
-/// Returns whether `GET /readyz` answers 200.
+/// Returns whether `GET /readyz` returns 200.
 fn probe_ready(address: SocketAddr) -> bool {
     let Ok(mut stream) = TcpStream::connect_timeout(&address, Duration::from_secs(1)) else {
         return false;

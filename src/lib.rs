@@ -2,7 +2,7 @@
 //!
 //! A node checks a caller's CSR against policy, signs an X509-SVID with an intermediate CA key
 //! that never leaves its PKCS#11 HSM, records the issuance durably in its ledger, and only then
-//! answers. See README.md for a walk-through and docs/ for operations.
+//! responds. See README.md for a walk-through and docs/ for operations.
 
 pub mod audit;
 pub mod ca;

@@ -33,7 +33,7 @@ async fn restart_keeps_the_ledger() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn node_refuses_to_start_when_hsm_key_differs_from_ledger_ca() {
+async fn start_fails_on_hsm_key_mismatch() {
     let first = TestDeployment::create();
     let second = TestDeployment::create();
 

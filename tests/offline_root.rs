@@ -89,30 +89,16 @@ async fn intermediate_signed_by_offline_root_issues_verifiable_svids() {
         "-subj",
         "/CN=Other Root",
     ]);
-    let wrong = deployment.run_sigil(&[
-        "ca",
-        "install",
-        "--config",
-        &config,
-        "--cert",
-        &path("intermediate.pem"),
-        "--root",
-        &path("other.pem"),
-    ]);
+    let intermediate = path("intermediate.pem");
+    let install_with_root = |root: &str| {
+        deployment.run_sigil(&["ca", "install", "--config", &config, "--cert", &intermediate, "--root", root])
+    };
+    let wrong = install_with_root(&path("other.pem"));
     assert!(!wrong.status.success(), "install with the wrong root must fail");
     let message = String::from_utf8_lossy(&wrong.stderr);
     assert!(message.contains("Example Root CA"), "names the missing issuer: {message}");
 
-    let install = deployment.run_sigil(&[
-        "ca",
-        "install",
-        "--config",
-        &config,
-        "--cert",
-        &path("intermediate.pem"),
-        "--root",
-        &path("root.pem"),
-    ]);
+    let install = install_with_root(&path("root.pem"));
     assert!(install.status.success(), "{}", String::from_utf8_lossy(&install.stderr));
 
     let admin = deployment.issue_client("admin", common::ADMIN_ID);

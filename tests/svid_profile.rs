@@ -19,9 +19,9 @@ fn pkilint_available() -> bool {
 }
 
 /// Runs pkilint's RFC 5280 linter and returns its findings of severity WARNING and above, except
-/// one false positive: pkilint 0.x checks URI SANs with the `validators` package, which accepts
-/// only http, https, ftp and similar schemes, so every `spiffe://` URI is reported as
-/// pkix.invalid_uri_syntax even though it is a valid RFC 3986 URI.
+/// one false positive. pkilint 0.x checks URI SANs with the `validators` package, which accepts
+/// only http, https, ftp and similar schemes. So every `spiffe://` URI is reported as
+/// pkix.invalid_uri_syntax, even though it is a valid RFC 3986 URI.
 fn pkilint_findings(path: &std::path::Path) -> Vec<serde_json::Value> {
     let output = Command::new("lint_pkix_cert")
         .args(["lint", "--severity", "WARNING", "--format", "JSON"])

@@ -1,5 +1,5 @@
-//! The few DER encodings this crate needs: ECDSA-Sig-Value, SubjectPublicKeyInfo and
-//! the OCTET STRING that wraps CKA_EC_POINT.
+//! The few DER encodings this crate needs: ECDSA-Sig-Value, SubjectPublicKeyInfo,
+//! RSAPublicKey and the OCTET STRING that wraps CKA_EC_POINT.
 
 use crate::HsmError;
 
@@ -67,9 +67,20 @@ pub(crate) fn rsa_spki(modulus: &[u8], public_exponent: &[u8]) -> Vec<u8> {
     let mut algorithm = OID_RSA_ENCRYPTION.to_vec();
     algorithm.extend_from_slice(&[TAG_NULL, 0x00]);
 
-    let mut rsa_public_key = unsigned_integer(modulus);
-    rsa_public_key.extend_from_slice(&unsigned_integer(public_exponent));
-    spki(&algorithm, &tlv(TAG_SEQUENCE, &rsa_public_key))
+    spki(&algorithm, &rsa_public_key(modulus, public_exponent))
+}
+
+/// Builds the DER `RSAPublicKey` (RFC 8017) of an RSA key, the form ring verifies with.
+pub(crate) fn rsa_public_key(modulus: &[u8], public_exponent: &[u8]) -> Vec<u8> {
+    let mut content = unsigned_integer(modulus);
+    content.extend_from_slice(&unsigned_integer(public_exponent));
+    tlv(TAG_SEQUENCE, &content)
+}
+
+/// Encodes an uncompressed EC point as a CKA_EC_POINT value: the DER OCTET STRING that
+/// PKCS#11 defines.
+pub(crate) fn ec_point_attribute(uncompressed_point: &[u8]) -> Vec<u8> {
+    tlv(TAG_OCTET_STRING, uncompressed_point)
 }
 
 fn spki(algorithm_content: &[u8], subject_public_key: &[u8]) -> Vec<u8> {

@@ -7,8 +7,9 @@ use crate::TokenSelector;
 
 /// Errors of HSM operations.
 ///
-/// No variant carries a PIN: login failures name the token and the PKCS#11 return code,
-/// and PIN source failures name the file or environment variable.
+/// No variant carries a PIN or key material. Login failures name the token and the PKCS#11
+/// return code, and PIN source failures name the file or environment variable. Wrap and unwrap
+/// failures name key and KEK labels, CKA_IDs and KEK check values.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum HsmError {
@@ -75,7 +76,7 @@ pub enum HsmError {
     #[error("failed to read PIN from {origin}: {reason}")]
     InvalidPinSource { origin: String, reason: String },
 
-    #[error("failed to generate a random CKA_ID: the operating system random number generator failed")]
+    #[error("failed to generate random bytes: the operating system random number generator failed")]
     RandomFailed,
 
     #[error("invalid ECDSA signature: {reason}")]
@@ -83,6 +84,73 @@ pub enum HsmError {
 
     #[error("invalid public key: {reason}")]
     InvalidPublicKey { reason: String },
+
+    #[error("security officer login to token \"{token}\" failed: {code}")]
+    SoLogin { token: String, code: String },
+
+    #[error(
+        "cannot log in as the security officer on token \"{token}\": this process has the user \
+         logged in there, so install the key-encryption key before opening an Hsm on the token"
+    )]
+    UserLoggedIn { token: String },
+
+    #[error(
+        "key-encryption key installation failed: token \"{token}\" already has a secret key with \
+         label \"{label}\", so destroy it first or choose another label"
+    )]
+    KekExists { label: String, token: String },
+
+    #[error("key-encryption key \"{label}\" not found: the token has no secret key with that label")]
+    KekNotFound { label: String },
+
+    #[error("key-encryption key label \"{label}\" is ambiguous: {count} secret keys have it")]
+    AmbiguousKek { label: String, count: usize },
+
+    #[error("key-encryption key \"{label}\" cannot be used: {reason}")]
+    UnsupportedKek { label: String, reason: String },
+
+    #[error(
+        "key-encryption key \"{label}\" is not marked trusted (CKA_TRUSTED) by the token's security \
+         officer, so the token refused to wrap with it: {code}"
+    )]
+    KekNotTrusted { label: String, code: String },
+
+    #[error(
+        "key \"{label}\" cannot be wrapped because it is not extractable (CKA_EXTRACTABLE false): \
+         {code}"
+    )]
+    KeyNotExtractable { label: String, code: String },
+
+    #[error("wrapping key \"{label}\" with key-encryption key \"{kek}\" failed: {code}")]
+    WrapFailed { label: String, kek: String, code: String },
+
+    #[error(
+        "key \"{label}\" was wrapped under a key-encryption key with check value {wrapped_under}, \
+         but the key-encryption key \"{kek}\" on this token has check value {local}: install the \
+         cluster's key-encryption key on this token"
+    )]
+    KekMismatch { label: String, kek: String, wrapped_under: String, local: String },
+
+    #[error(
+        "unwrapping key \"{label}\" with key-encryption key \"{kek}\" failed: {code}; the wrapped \
+         bytes were altered or were wrapped under a different key-encryption key"
+    )]
+    UnwrapFailed { label: String, kek: String, code: String },
+
+    #[error("cannot unwrap key \"{label}\": token \"{token}\" already has a key with that label")]
+    UnwrapLabelExists { label: String, token: String },
+
+    #[error("cannot unwrap key \"{label}\": token \"{token}\" already has a key with its CKA_ID {id}")]
+    UnwrapIdExists { label: String, id: String, token: String },
+
+    #[error(
+        "unwrapped key \"{label}\" does not match the public key sent with it, so it was destroyed: \
+         the wrapped key was altered or combines two key pairs"
+    )]
+    KeyPairMismatch { label: String },
+
+    #[error("invalid wrapped key: {reason}")]
+    InvalidWrappedKey { reason: String },
 }
 
 /// Return codes after which the pool's sessions cannot be used again: the module has closed
@@ -98,7 +166,13 @@ impl HsmError {
     /// comes from a PKCS#11 call. [`HsmError::NotLoggedIn`] returns CKR_USER_NOT_LOGGED_IN.
     pub fn ckr_code(&self) -> Option<&str> {
         match self {
-            HsmError::Pkcs11 { code, .. } | HsmError::Login { code, .. } => Some(code),
+            HsmError::Pkcs11 { code, .. }
+            | HsmError::Login { code, .. }
+            | HsmError::SoLogin { code, .. }
+            | HsmError::KekNotTrusted { code, .. }
+            | HsmError::KeyNotExtractable { code, .. }
+            | HsmError::WrapFailed { code, .. }
+            | HsmError::UnwrapFailed { code, .. } => Some(code),
             HsmError::NotLoggedIn { .. } => Some("CKR_USER_NOT_LOGGED_IN"),
             _ => None,
         }

@@ -1,3 +1,5 @@
+mod wrap;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,7 +14,9 @@ use ring::rand::SecureRandom;
 use crate::der::{self, OID_P256, OID_P384};
 use crate::error::from_cryptoki;
 use crate::module::{context, find_token};
-use crate::objects::{build_spki, describe_private_key, find_objects, find_private_key_by_id};
+use crate::objects::{
+    build_spki, describe_private_key, find_objects, find_private_key_by_id, find_public_key, public_key_attribute_types,
+};
 use crate::pool::{SessionPool, TokenAccess};
 use crate::types::hex;
 use crate::{Extractability, HsmConfig, HsmError, HsmMetrics, KeyAttributes, KeyRef, KeyType, Pin, TokenSummary};
@@ -292,24 +296,17 @@ impl Hsm {
     /// key's CKA_ID, and [`HsmError::InvalidPublicKey`] if its attributes do not fit the
     /// key type.
     pub fn public_key_spki_der(&self, key: &KeyRef) -> Result<Vec<u8>, HsmError> {
-        let types: &[AttributeType] = match key.key_type() {
-            KeyType::EcP256 | KeyType::EcP384 => &[AttributeType::EcParams, AttributeType::EcPoint],
-            KeyType::Rsa3072 => &[AttributeType::Modulus, AttributeType::PublicExponent],
-        };
+        build_spki(key, self.public_key_attributes(key)?)
+    }
 
-        let attributes = self.run(|session, _| {
-            let handles =
-                find_objects(session, &[Attribute::Class(ObjectClass::PUBLIC_KEY), Attribute::Id(key.id().to_vec())])?;
-            let [handle] = handles.as_slice() else {
-                if handles.is_empty() {
-                    return Err(HsmError::PublicKeyNotFound { label: key.label().to_owned(), id: hex(key.id()) });
-                }
-                return Err(HsmError::AmbiguousId { id: hex(key.id()), count: handles.len() });
-            };
-            session.get_attributes(*handle, types).map_err(from_cryptoki)
-        })?;
-
-        build_spki(key, attributes)
+    /// Reads the attributes of the public key object with the CKA_ID of `key` that hold the
+    /// public key: CKA_EC_PARAMS and CKA_EC_POINT, or CKA_MODULUS and CKA_PUBLIC_EXPONENT.
+    fn public_key_attributes(&self, key: &KeyRef) -> Result<Vec<Attribute>, HsmError> {
+        let types = public_key_attribute_types(key.key_type());
+        self.run(|session, _| {
+            let handle = find_public_key(session, key)?;
+            session.get_attributes(handle, types).map_err(from_cryptoki)
+        })
     }
 
     /// Signs `message` with `key` and returns the signature in the form X.509 uses.
@@ -332,15 +329,7 @@ impl Hsm {
     }
 
     fn sign_untimed(&self, key: &KeyRef, message: &[u8]) -> Result<Vec<u8>, HsmError> {
-        let (mechanism, data) = match key.key_type() {
-            KeyType::EcP256 => {
-                (Mechanism::Ecdsa, ring::digest::digest(&ring::digest::SHA256, message).as_ref().to_vec())
-            }
-            KeyType::EcP384 => {
-                (Mechanism::Ecdsa, ring::digest::digest(&ring::digest::SHA384, message).as_ref().to_vec())
-            }
-            KeyType::Rsa3072 => (Mechanism::Sha256RsaPkcs, message.to_vec()),
-        };
+        let (mechanism, data) = signing_input(key.key_type(), message);
 
         let signature = self.run(|session, generation| {
             self.with_private_key(session, generation, key, |handle| {
@@ -348,20 +337,7 @@ impl Hsm {
             })
         })?;
 
-        let Some(half_len) = key.key_type().ecdsa_half_len() else {
-            return Ok(signature);
-        };
-        if signature.len() != 2 * half_len {
-            return Err(HsmError::InvalidSignature {
-                reason: format!(
-                    "token returned a {}-byte {} signature; expected {} bytes",
-                    signature.len(),
-                    key.key_type(),
-                    2 * half_len
-                ),
-            });
-        }
-        der::ecdsa_raw_to_der(&signature)
+        signature_from_token(key.key_type(), signature)
     }
 
     /// Returns the ID of the slot that contains the token. Tests use it to open sessions with
@@ -499,7 +475,10 @@ impl Hsm {
         logins_before: Option<u64>,
         error: HsmError,
     ) -> HsmError {
-        if !matches!(error, HsmError::KeyNotFound { .. } | HsmError::KeyIdNotFound { .. }) {
+        if !matches!(
+            error,
+            HsmError::KeyNotFound { .. } | HsmError::KeyIdNotFound { .. } | HsmError::KekNotFound { .. }
+        ) {
             return error;
         }
 
@@ -527,6 +506,35 @@ impl Hsm {
     fn cache_handle(&self, id: &[u8], generation: u64, handle: ObjectHandle) {
         self.inner.key_handles.lock().insert(id.to_vec(), (generation, handle));
     }
+}
+
+/// Returns the PKCS#11 mechanism and the data to pass to C_Sign for a signature over
+/// `message`. EC keys sign a digest computed in this process, RSA keys hash on the token.
+fn signing_input(key_type: KeyType, message: &[u8]) -> (Mechanism<'static>, Vec<u8>) {
+    match key_type {
+        KeyType::EcP256 => (Mechanism::Ecdsa, ring::digest::digest(&ring::digest::SHA256, message).as_ref().to_vec()),
+        KeyType::EcP384 => (Mechanism::Ecdsa, ring::digest::digest(&ring::digest::SHA384, message).as_ref().to_vec()),
+        KeyType::Rsa3072 => (Mechanism::Sha256RsaPkcs, message.to_vec()),
+    }
+}
+
+/// Converts the output of C_Sign into the form X.509 uses: a DER ECDSA-Sig-Value for EC keys,
+/// the raw signature for RSA keys.
+fn signature_from_token(key_type: KeyType, signature: Vec<u8>) -> Result<Vec<u8>, HsmError> {
+    let Some(half_len) = key_type.ecdsa_half_len() else {
+        return Ok(signature);
+    };
+    if signature.len() != 2 * half_len {
+        return Err(HsmError::InvalidSignature {
+            reason: format!(
+                "token returned a {}-byte {} signature; expected {} bytes",
+                signature.len(),
+                key_type,
+                2 * half_len
+            ),
+        });
+    }
+    der::ecdsa_raw_to_der(&signature)
 }
 
 #[cfg(test)]

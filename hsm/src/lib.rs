@@ -33,25 +33,47 @@
 //! [`Extractability::WrapWithTrustedOnly`] they can only be wrapped with a trusted key, for
 //! copying them between the HSMs of a cluster.
 //!
+//! # Copying keys between tokens
+//!
+//! Every token of a cluster has the same AES-256 key-encryption key (KEK), which the
+//! token's security officer marked CKA_TRUSTED. [`Hsm::wrap_key`] wraps a private key under
+//! the KEK with CKM_AES_KEY_WRAP_PAD into a [`WrappedKey`], which also carries the label,
+//! CKA_ID and public key of the key pair and the KEK's check value.
+//! [`WrappedKey::encode`] and [`WrappedKey::decode`] turn it into bytes and back, for sending
+//! to another node. [`Hsm::unwrap_key`] on the receiving token creates the private key and
+//! its public key object there, and checks with a test signature that the two match. Sigil
+//! never handles the key in plaintext. [`install_kek`] notes what PKCS#11 still allows a
+//! holder of the user PIN to do.
+//!
+//! [`Hsm::find_kek`] checks that a token has a usable KEK. Production HSMs get the KEK from
+//! the vendor's key ceremony. For development and tests, [`install_kek`] installs a
+//! [`KekMaterial`] made by [`KekMaterial::generate`] on each token, logging in as the
+//! security officer.
+//!
 //! # Process-wide state
 //!
 //! C_Initialize succeeds once per process and module, so every [`Hsm`] and every
-//! [`init_token`] call on the same module path shares one initialized module context.
+//! [`init_token`] and [`install_kek`] call on the same module path shares one initialized
+//! module context.
 
 mod der;
 mod error;
 mod hsm;
+mod kek;
 mod metrics;
 mod module;
 mod objects;
 mod pin;
 mod pool;
 mod types;
+mod wrapped;
 
 pub use der::ecdsa_raw_to_der;
 pub use error::HsmError;
 pub use hsm::{Hsm, SESSION_WAIT_TIMEOUT};
+pub use kek::{KekInfo, KekMaterial, install_kek};
 pub use metrics::HsmMetrics;
 pub use module::init_token;
 pub use pin::Pin;
 pub use types::{Extractability, HsmConfig, KeyAttributes, KeyRef, KeyType, TokenSelector, TokenSummary};
+pub use wrapped::WrappedKey;

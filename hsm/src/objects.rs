@@ -23,6 +23,25 @@ pub(crate) fn find_private_key_by_id(session: &Session, id: &[u8]) -> Result<Obj
     }
 }
 
+/// Finds the public key object that has the CKA_ID of `key`.
+pub(crate) fn find_public_key(session: &Session, key: &KeyRef) -> Result<ObjectHandle, HsmError> {
+    let handles =
+        find_objects(session, &[Attribute::Class(ObjectClass::PUBLIC_KEY), Attribute::Id(key.id().to_vec())])?;
+    match handles.as_slice() {
+        [] => Err(HsmError::PublicKeyNotFound { label: key.label().to_owned(), id: hex(key.id()) }),
+        [handle] => Ok(*handle),
+        more => Err(HsmError::AmbiguousId { id: hex(key.id()), count: more.len() }),
+    }
+}
+
+/// Returns the attributes that hold the public key of a `key_type` key.
+pub(crate) fn public_key_attribute_types(key_type: KeyType) -> &'static [AttributeType] {
+    match key_type {
+        KeyType::EcP256 | KeyType::EcP384 => &[AttributeType::EcParams, AttributeType::EcPoint],
+        KeyType::Rsa3072 => &[AttributeType::Modulus, AttributeType::PublicExponent],
+    }
+}
+
 /// Reads label, CKA_ID and algorithm of a private key and checks that Sigil supports it.
 pub(crate) fn describe_private_key(session: &Session, handle: ObjectHandle) -> Result<KeyRef, HsmError> {
     let attributes = session
@@ -97,7 +116,7 @@ pub(crate) fn describe_private_key(session: &Session, handle: ObjectHandle) -> R
     Ok(KeyRef::new(label, id, key_type))
 }
 
-fn modulus_bits(modulus: &[u8]) -> usize {
+pub(crate) fn modulus_bits(modulus: &[u8]) -> usize {
     match modulus.iter().position(|&byte| byte != 0) {
         Some(index) => {
             // Checked: leading_zeros of a u8 is at most 8.

@@ -48,7 +48,9 @@ pub struct InstallCa {
     pub installed_at_unix: i64,
 }
 
-/// Records issued certificates, all or nothing.
+/// Records issued certificates, all or nothing: one invalid record, or one
+/// whose serial is stored with other content, rejects the whole command. A
+/// record identical to a stored one is skipped, so a retried command succeeds.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct RecordIssuances {
     #[prost(message, repeated, tag = "1")]
@@ -157,6 +159,17 @@ impl IssuanceRecord {
             return Err(invalid_record("cert_sha256", format!("expected 32 bytes, found {}", self.cert_sha256.len())));
         }
         Ok(())
+    }
+}
+
+impl CaVersion {
+    /// Returns true when `install` names the same key and chain as this
+    /// version. The install time is not compared, so a retried install
+    /// matches.
+    pub(crate) fn has_chain_of(&self, install: &InstallCa) -> bool {
+        self.key_label == install.key_label
+            && self.intermediates_der == install.intermediates_der
+            && self.roots_der == install.roots_der
     }
 }
 

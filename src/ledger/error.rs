@@ -4,7 +4,8 @@
 ///
 /// `DuplicateSerial`, `InvalidRecord` and `InvalidCommand` reject bad input:
 /// a command rejected for them still consumes its index, and every node
-/// rejects it the same way. The other variants are internal failures.
+/// rejects it the same way. The other variants report storage failures or
+/// misuse of the API, such as an entry index that was already applied.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum LedgerError {
@@ -41,6 +42,26 @@ pub enum LedgerError {
     /// The writer thread has stopped, so queued records cannot be written.
     #[error("ledger is closed")]
     Closed,
+
+    /// `apply_entry` was called with an index the ledger has already
+    /// applied, which would apply an entry twice. Nothing was written.
+    #[error("apply entry at index {index}: the ledger has already applied up to index {applied_index}")]
+    IndexNotAboveApplied { index: u64, applied_index: u64 },
+
+    /// The entry digest encodes each command's length as a big-endian u32.
+    /// Nothing was written.
+    #[error("apply entry at index {index}: command {position} is {len} bytes, more than the maximum {max} bytes", max = u32::MAX)]
+    CommandTooLarge { index: u64, position: usize, len: usize },
+
+    /// A file or folder operation of a checkpoint or restore failed.
+    #[error("{operation}: {reason}")]
+    Filesystem { operation: String, reason: String },
+
+    /// A restore failed and the previous database could not be reopened
+    /// either, so nothing can be read or written until the ledger is opened
+    /// again.
+    #[error("ledger at {path} has no open database after a failed restore, reopen the ledger to recover")]
+    NotOpen { path: String },
 }
 
 impl LedgerError {
@@ -58,5 +79,9 @@ impl LedgerError {
 
     pub(crate) fn storage(operation: impl Into<String>, cause: rocksdb::Error) -> Self {
         LedgerError::Storage { operation: operation.into(), cause }
+    }
+
+    pub(crate) fn filesystem(operation: impl Into<String>, cause: &std::io::Error) -> Self {
+        LedgerError::Filesystem { operation: operation.into(), reason: cause.to_string() }
     }
 }

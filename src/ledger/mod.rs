@@ -1,11 +1,40 @@
-//! The single-node ledger: a deterministic state machine over RocksDB.
+//! The ledger: a deterministic state machine over RocksDB, ready to be the
+//! state machine of a Raft log.
 //!
-//! Every change is a [`Command`], encoded with protobuf and applied in one
-//! synced RocksDB write batch together with the new `applied_index` and
-//! `ledger_digest`. The digest after command `i` is
-//! SHA-256(digest before || `i` as big-endian u64 || command bytes), starting
-//! from 32 zero bytes, so two ledgers that applied the same commands have
-//! equal digests. A rejected command still consumes its index.
+//! Every change is a [`Command`], encoded with protobuf. Commands arrive in
+//! entries: [`Ledger::apply_entry`] applies all commands of the Raft entry
+//! at a given log index in one RocksDB write batch together with the new
+//! applied index and digest, and returns one result per command. Indexes
+//! must increase but may skip, and an entry without commands only advances
+//! the applied index. Applying reads only the stored state and the command
+//! bytes, never the clock or a random source.
+//!
+//! The digest starts as 32 zero bytes. An entry with commands sets it to
+//! SHA-256(digest before || index as big-endian u64 || for each command, its
+//! length as big-endian u32 then its bytes), and an entry without commands
+//! leaves it unchanged, so two ledgers that applied the same entries at the
+//! same indexes have equal digests.
+//!
+//! Within one entry, the `InstallCa` commands apply first in their order,
+//! then every `PurgeExpired` command as one purge at the largest
+//! `expired_before_unix`, then the records of every `RecordIssuances`
+//! command, because a write batch does not see its own writes. A command
+//! that is rejected (invalid, undecodable, a duplicate serial, a record that
+//! expires before the purge cutoff) fails alone and still counts as applied.
+//!
+//! Proposals may be retried after a leader change, so applying a command
+//! twice must change nothing the second time. A record whose serial is
+//! stored with identical content is counted as already recorded. An
+//! `InstallCa` with the active version's chain and key label returns that
+//! version. A different record with a stored serial is still rejected.
+//!
+//! `apply_entry` does not sync the WAL, because Raft replays its own synced
+//! log after a power loss, and [`Ledger::sync`] makes every applied entry
+//! durable before Raft compacts that log. The single-node calls
+//! [`Ledger::apply`], [`Ledger::apply_encoded`] and [`Ledger::record`] apply
+//! the next index and sync before they return. [`Ledger::checkpoint`] and
+//! [`Ledger::restore`] give Raft its snapshots: a RocksDB checkpoint of the
+//! whole state at the applied index, and a swap of the database for one.
 //!
 //! Column families:
 //! - `meta`: schema version, applied index, digest, CA version pointers,
@@ -20,11 +49,20 @@ mod apply;
 mod command;
 mod error;
 mod keys;
+mod machine;
+mod records;
+mod snapshot;
 mod store;
 mod writer;
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod entry_tests;
+
+#[cfg(test)]
+mod snapshot_tests;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -41,7 +79,8 @@ pub use command::{
 pub use error::LedgerError;
 pub use writer::MAX_BATCH_RECORDS;
 
-use store::Store;
+use machine::{AppliedEntry, StateMachine};
+use store::Durability;
 use writer::Pending;
 
 /// The result of a command that was applied and not rejected.
@@ -63,34 +102,38 @@ pub struct LedgerStats {
     pub active_ca_version: Option<u64>,
     /// Start (Unix seconds) of the oldest expiry bucket not yet purged.
     pub purge_cutoff_unix: u64,
-    /// `RecordIssuances` commands written, from the group-commit writer or `apply`.
+    /// Entries that wrote issuance records.
     pub batches_written: u64,
     pub records_written: u64,
-    /// Maximum number of records written by one `RecordIssuances` command.
+    /// Maximum number of records written by one entry.
     pub largest_batch: u64,
     pub rejected_commands: u64,
-    /// Batches the writer applied again after removing rejected records.
-    pub batch_retries: u64,
+    /// Records not written again because an identical record was stored,
+    /// as happens when a proposal is retried.
+    pub records_already_recorded: u64,
 }
 
-/// The ledger. Share it with `Arc`. Dropping it stops the writer thread
-/// after the queued records are written, then closes the database.
+/// The ledger. Share it with `Arc`, because every method takes `&self`.
+/// Dropping it stops the writer thread after the queued records are
+/// written, then closes the database.
 pub struct Ledger {
-    store: Arc<Store>,
+    machine: Arc<StateMachine>,
     queue: Option<mpsc::Sender<Pending>>,
     writer: Option<JoinHandle<()>>,
 }
 
 impl Ledger {
     /// Opens or creates the ledger at `path` and starts its writer thread.
+    /// If a restore was interrupted after it moved the ledger folder aside,
+    /// the folder is moved back first.
     pub fn open(path: impl AsRef<Path>) -> Result<Ledger, LedgerError> {
         let path = path.as_ref();
-        let store = Arc::new(Store::open(path)?);
+        let machine = Arc::new(StateMachine::open(path)?);
         let (queue, receiver) = mpsc::channel(writer::QUEUE_CAPACITY);
-        let writer = writer::spawn(Arc::clone(&store), receiver)
+        let writer = writer::spawn(Arc::clone(&machine), receiver)
             .map_err(|error| LedgerError::StartWriter { reason: error.to_string() })?;
 
-        let state = store.committed_state();
+        let state = machine.committed_state();
         tracing::info!(
             path = %path.display(),
             applied_index = state.applied_index,
@@ -98,13 +141,53 @@ impl Ledger {
             digest = %hex::encode(state.digest),
             "opened ledger"
         );
-        Ok(Ledger { store, queue: Some(queue), writer: Some(writer) })
+        Ok(Ledger { machine, queue: Some(queue), writer: Some(writer) })
     }
 
     /// Writes the queued records, stops the writer thread and closes the
     /// database. Dropping the ledger does the same.
     pub fn close(self) {
         drop(self);
+    }
+
+    /// Applies the commands of the committed Raft entry at log `index` in
+    /// one write batch, and returns one result per command, in order. It
+    /// does not wait for the WAL sync (see [`Ledger::sync`]) and blocks, so
+    /// async code calls it through `spawn_blocking`.
+    ///
+    /// The outer error means nothing was applied: `IndexNotAboveApplied`
+    /// when `index` is not above [`Ledger::applied_index`],
+    /// `CommandTooLarge`, or a storage failure, after which every write
+    /// fails with `Halted` until the ledger is reopened or restored.
+    pub fn apply_entry(
+        &self,
+        index: u64,
+        commands: &[&[u8]],
+    ) -> Result<Vec<Result<CommandResult, LedgerError>>, LedgerError> {
+        Ok(self.machine.apply_entry(index, commands)?.results)
+    }
+
+    /// Makes every applied entry durable by syncing the RocksDB WAL.
+    pub fn sync(&self) -> Result<(), LedgerError> {
+        self.machine.sync()
+    }
+
+    /// Writes a RocksDB checkpoint of the state at the applied index into
+    /// `dir`, which must not exist, and returns that index. Its table files
+    /// are hard links, so its cost does not grow with the number of records.
+    pub fn checkpoint(&self, dir: &Path) -> Result<u64, LedgerError> {
+        self.machine.checkpoint(dir)
+    }
+
+    /// Replaces the whole state with the checkpoint in `dir`, then
+    /// [`Ledger::applied_index`] and [`Ledger::digest`] are the
+    /// checkpoint's. Writes and reads of records or CA versions wait until
+    /// it finishes, while the index, digest and stats show the previous
+    /// state until then. On success `dir` is consumed (moved, or copied and
+    /// removed when it is on another filesystem). On failure the previous
+    /// state stays and `dir` is left in place.
+    pub fn restore(&self, dir: &Path) -> Result<(), LedgerError> {
+        self.machine.restore(dir)
     }
 
     /// Applies `command` as the next ledger entry and waits for the synced
@@ -115,20 +198,20 @@ impl Ledger {
         self.apply_encoded(&command.encode_to_vec())
     }
 
-    /// Applies an encoded [`Command`], as a replica applies a log entry.
-    /// Bytes that do not decode are rejected and consume an index.
+    /// Applies an encoded [`Command`] as the next entry and waits for the
+    /// synced write. Bytes that do not decode are rejected and consume an
+    /// index.
     pub fn apply_encoded(&self, command: &[u8]) -> Result<ApplyOutcome, LedgerError> {
-        let applied = self.store.apply_encoded(command)?;
-        match applied.outcome {
-            Ok(result) => Ok(ApplyOutcome { index: applied.index, digest: applied.digest, result }),
-            Err(rejection) => Err(rejection.into_error()),
-        }
+        let AppliedEntry { index, digest, results } = self.machine.apply_next(&[command], Durability::Synced)?;
+        let outcome = results.into_iter().next().expect("an entry of one command has one result");
+        Ok(ApplyOutcome { index, digest, result: outcome? })
     }
 
     /// Queues `record` for the group-commit writer and resolves once it is
-    /// synced to disk, or with the error that rejected it. An invalid record
-    /// fails before it is queued. Dropping the future does not cancel the
-    /// write of a record that was already queued.
+    /// synced to disk, or with the error that rejected it. A record that is
+    /// already stored with identical content succeeds without a write. An
+    /// invalid record fails before it is queued. Dropping the future does
+    /// not cancel the write of a record that was already queued.
     pub async fn record(&self, record: IssuanceRecord) -> Result<(), LedgerError> {
         record.validate()?;
         let queue = self.queue.as_ref().ok_or(LedgerError::Closed)?;
@@ -138,39 +221,41 @@ impl Ledger {
     }
 
     pub fn active_ca(&self) -> Result<Option<CaVersion>, LedgerError> {
-        match self.store.committed_state().active_ca_version {
+        // Read inside `with_store`, because a restore replaces the database
+        // and the committed state together.
+        self.machine.with_store(|store| match self.machine.committed_state().active_ca_version {
             0 => Ok(None),
-            version => self.store.ca_version(version),
-        }
+            version => store.ca_version(version),
+        })
     }
 
     /// Returns every installed CA version, oldest first.
     pub fn ca_versions(&self) -> Result<Vec<CaVersion>, LedgerError> {
-        self.store.ca_versions()
+        self.machine.with_store(|store| store.ca_versions())
     }
 
     /// Returns the record of `serial`, or `None` if it was never recorded
     /// or has been purged.
     pub fn issuance(&self, serial: &[u8]) -> Result<Option<IssuanceRecord>, LedgerError> {
-        self.store.issuance(serial)
+        self.machine.with_store(|store| store.issuance(serial))
     }
 
     /// Returns the exact number of stored issuance records.
     pub fn issuance_count(&self) -> u64 {
-        self.store.committed_state().issuance_count
+        self.machine.committed_state().issuance_count
     }
 
     pub fn applied_index(&self) -> u64 {
-        self.store.committed_state().applied_index
+        self.machine.committed_state().applied_index
     }
 
     pub fn digest(&self) -> [u8; 32] {
-        self.store.committed_state().digest
+        self.machine.committed_state().digest
     }
 
     pub fn stats(&self) -> LedgerStats {
-        let state = self.store.committed_state();
-        let counters = &self.store.counters;
+        let state = self.machine.committed_state();
+        let counters = &self.machine.counters;
         LedgerStats {
             applied_index: state.applied_index,
             issuance_count: state.issuance_count,
@@ -180,7 +265,7 @@ impl Ledger {
             records_written: counters.records_written.load(Ordering::Relaxed),
             largest_batch: counters.largest_batch.load(Ordering::Relaxed),
             rejected_commands: counters.rejected_commands.load(Ordering::Relaxed),
-            batch_retries: counters.batch_retries.load(Ordering::Relaxed),
+            records_already_recorded: counters.records_already_recorded.load(Ordering::Relaxed),
         }
     }
 }
@@ -192,11 +277,11 @@ impl Drop for Ledger {
         if let Some(writer) = self.writer.take()
             && writer.join().is_err()
         {
-            tracing::error!(path = %self.store.path.display(), "ledger writer thread panicked");
+            tracing::error!(path = %self.machine.path.display(), "ledger writer thread panicked");
         }
-        let state = self.store.committed_state();
+        let state = self.machine.committed_state();
         tracing::info!(
-            path = %self.store.path.display(),
+            path = %self.machine.path.display(),
             applied_index = state.applied_index,
             "closed ledger"
         );

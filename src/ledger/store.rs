@@ -1,13 +1,13 @@
 //! The RocksDB database behind the ledger: opening, stored state and reads.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 
 use prost::Message;
 use rocksdb::{
     ColumnFamily, ColumnFamilyDescriptor, DB, DBCompressionType, IteratorMode, Options, WriteBatch, WriteOptions,
-    compaction_filter::Decision,
+    checkpoint::Checkpoint, compaction_filter::Decision,
 };
 
 use super::command::{CaVersion, IssuanceRecord};
@@ -17,8 +17,8 @@ use super::keys::{
     META_ISSUANCE_COUNT, META_LATEST_CA_VERSION, META_PURGE_CUTOFF, META_SCHEMA_VERSION, SCHEMA_VERSION,
 };
 
-/// The state that every applied command reads and advances. It is stored in
-/// the `meta` column family and cached here.
+/// The state that every applied entry reads and advances. It is stored in
+/// the `meta` column family and cached in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct LedgerState {
     pub(crate) applied_index: u64,
@@ -31,43 +31,40 @@ pub(crate) struct LedgerState {
     pub(crate) issuance_count: u64,
 }
 
-/// The state owned by the single writer, behind `Store::writer`.
-pub(crate) struct WriterSlot {
-    pub(crate) state: LedgerState,
-    /// Index of the command whose write failed, after which writes stop.
-    pub(crate) halted_at: Option<u64>,
+/// Whether `Store::open` may create a new, empty ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OpenMode {
+    CreateIfMissing,
+    /// The folder must contain a ledger with every column family and a
+    /// schema version, as a checkpoint does.
+    Existing,
 }
 
-/// Counters reported by `Ledger::stats`.
-#[derive(Default)]
-pub(crate) struct Counters {
-    pub(crate) batches_written: AtomicU64,
-    pub(crate) records_written: AtomicU64,
-    pub(crate) largest_batch: AtomicU64,
-    pub(crate) rejected_commands: AtomicU64,
-    pub(crate) batch_retries: AtomicU64,
+/// Whether a write returns before or after the WAL is synced to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Durability {
+    /// The write is in the WAL, so a killed process loses nothing, but a
+    /// power loss may lose it until `Store::sync_wal` runs.
+    Buffered,
+    Synced,
 }
 
 pub(crate) struct Store {
     pub(crate) db: DB,
-    pub(crate) path: PathBuf,
-    /// Held for the whole of each apply, so one command is applied at a time.
-    pub(crate) writer: Mutex<WriterSlot>,
-    /// Copy of the state after the last successful write, for readers.
-    pub(crate) committed: Mutex<LedgerState>,
     /// Copy of `LedgerState::purge_cutoff`, shared with the `serials`
     /// compaction filter. It is raised only after the purge is written.
     pub(crate) purge_cutoff: Arc<AtomicU64>,
-    pub(crate) counters: Counters,
 }
 
 impl Store {
-    pub(crate) fn open(path: &Path) -> Result<Store, LedgerError> {
+    /// Opens the database at `path` and loads its state.
+    pub(crate) fn open(path: &Path, mode: OpenMode) -> Result<(Store, LedgerState), LedgerError> {
         let purge_cutoff = Arc::new(AtomicU64::new(0));
 
         let mut db_options = column_family_options();
-        db_options.create_if_missing(true);
-        db_options.create_missing_column_families(true);
+        let create = mode == OpenMode::CreateIfMissing;
+        db_options.create_if_missing(create);
+        db_options.create_missing_column_families(create);
 
         let column_families = vec![
             ColumnFamilyDescriptor::new(CF_META, column_family_options()),
@@ -78,27 +75,13 @@ impl Store {
         let db = DB::open_cf_descriptors(&db_options, path, column_families)
             .map_err(|cause| LedgerError::storage(format!("open ledger at {}", path.display()), cause))?;
 
-        let state = load_state(&db, path)?;
+        let state = load_state(&db, path, mode)?;
         purge_cutoff.store(state.purge_cutoff, Ordering::Release);
-
-        Ok(Store {
-            db,
-            path: path.to_owned(),
-            writer: Mutex::new(WriterSlot { state, halted_at: None }),
-            committed: Mutex::new(state),
-            purge_cutoff,
-            counters: Counters::default(),
-        })
+        Ok((Store { db, purge_cutoff }, state))
     }
 
     pub(crate) fn cf(&self, name: &str) -> &ColumnFamily {
         column_family(&self.db, name)
-    }
-
-    pub(crate) fn committed_state(&self) -> LedgerState {
-        // The guarded value is replaced whole by a plain assignment, so a
-        // poisoned lock still holds a consistent state.
-        *self.committed.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub(crate) fn ca_version(&self, version: u64) -> Result<Option<CaVersion>, LedgerError> {
@@ -137,9 +120,13 @@ impl Store {
 
     pub(crate) fn issuance(&self, serial: &[u8]) -> Result<Option<IssuanceRecord>, LedgerError> {
         let purge_cutoff = self.purge_cutoff.load(Ordering::Acquire);
-        let Some(bucket) = self.live_bucket(serial, purge_cutoff)? else {
-            return Ok(None);
-        };
+        match self.live_bucket(serial, purge_cutoff)? {
+            Some(bucket) => self.issuance_in_bucket(bucket, serial),
+            None => Ok(None),
+        }
+    }
+
+    pub(crate) fn issuance_in_bucket(&self, bucket: u64, serial: &[u8]) -> Result<Option<IssuanceRecord>, LedgerError> {
         let serial_hex = hex::encode(serial);
         let value = self
             .db
@@ -148,10 +135,24 @@ impl Store {
         value.map(|bytes| decode_message(&format!("issuance record {serial_hex}"), &bytes)).transpose()
     }
 
-    pub(crate) fn sync_write(&self, batch: WriteBatch) -> Result<(), rocksdb::Error> {
+    pub(crate) fn write(&self, batch: WriteBatch, durability: Durability) -> Result<(), rocksdb::Error> {
         let mut options = WriteOptions::default();
-        options.set_sync(true);
+        options.set_sync(durability == Durability::Synced);
         self.db.write_opt(batch, &options)
+    }
+
+    /// Syncs the WAL, which makes every write before the call durable.
+    pub(crate) fn sync_wal(&self) -> Result<(), LedgerError> {
+        self.db.flush_wal(true).map_err(|cause| LedgerError::storage("sync ledger WAL", cause))
+    }
+
+    /// Writes a RocksDB checkpoint into `dir`, which must not exist. It
+    /// flushes the memtables, then hard-links the table files, so its cost
+    /// depends on the number of files and not on the number of records.
+    pub(crate) fn create_checkpoint(&self, dir: &Path) -> Result<(), LedgerError> {
+        let operation = || format!("create ledger checkpoint at {}", dir.display());
+        let checkpoint = Checkpoint::new(&self.db).map_err(|cause| LedgerError::storage(operation(), cause))?;
+        checkpoint.create_checkpoint(dir).map_err(|cause| LedgerError::storage(operation(), cause))
     }
 }
 
@@ -184,7 +185,7 @@ fn serials_options(purge_cutoff: Arc<AtomicU64>) -> Options {
     options
 }
 
-fn load_state(db: &DB, path: &Path) -> Result<LedgerState, LedgerError> {
+fn load_state(db: &DB, path: &Path, mode: OpenMode) -> Result<LedgerState, LedgerError> {
     let meta = column_family(db, CF_META);
     let read_u64 = |key: &[u8]| -> Result<Option<u64>, LedgerError> {
         let name = String::from_utf8_lossy(key);
@@ -203,13 +204,15 @@ fn load_state(db: &DB, path: &Path) -> Result<LedgerState, LedgerError> {
                 expected: SCHEMA_VERSION,
             });
         }
-        None if read_u64(META_APPLIED_INDEX)?.is_some() => {
+        None if mode == OpenMode::CreateIfMissing && read_u64(META_APPLIED_INDEX)?.is_none() => {
+            initialize(db, path)?;
+        }
+        None => {
             return Err(LedgerError::Decode {
                 item: "meta key schema_version".to_owned(),
                 reason: format!("missing in the ledger at {}", path.display()),
             });
         }
-        None => initialize(db, path)?,
     }
 
     let digest_value = db

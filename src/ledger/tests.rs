@@ -8,17 +8,17 @@ use tokio::sync::oneshot;
 use super::writer::{self, Pending};
 use super::*;
 
-const HOUR: i64 = 3600;
+pub(super) const HOUR: i64 = 3600;
 /// A fixed notAfter far from the purge tests' cutoffs: 2033-05-18T03:00:00Z.
-const NOT_AFTER: i64 = 2_000_000_000 - 2_000_000_000 % HOUR;
+pub(super) const NOT_AFTER: i64 = 2_000_000_000 - 2_000_000_000 % HOUR;
 
-fn serial(n: u32) -> Vec<u8> {
+pub(super) fn serial(n: u32) -> Vec<u8> {
     let mut bytes = vec![0x01];
     bytes.extend_from_slice(&n.to_be_bytes());
     bytes
 }
 
-fn record_with(serial: Vec<u8>, not_after_unix: i64) -> IssuanceRecord {
+pub(super) fn record_with(serial: Vec<u8>, not_after_unix: i64) -> IssuanceRecord {
     IssuanceRecord {
         cert_sha256: digest(&SHA256, &serial).as_ref().to_vec(),
         serial,
@@ -30,11 +30,11 @@ fn record_with(serial: Vec<u8>, not_after_unix: i64) -> IssuanceRecord {
     }
 }
 
-fn record(n: u32) -> IssuanceRecord {
+pub(super) fn record(n: u32) -> IssuanceRecord {
     record_with(serial(n), NOT_AFTER)
 }
 
-fn install_ca(label: &str) -> Command {
+pub(super) fn install_ca(label: &str) -> Command {
     Command::install_ca(InstallCa {
         key_label: label.to_owned(),
         intermediates_der: vec![vec![0x30, 0x01, 0x01], vec![0x30, 0x01, 0x02]],
@@ -43,13 +43,27 @@ fn install_ca(label: &str) -> Command {
     })
 }
 
-fn open(dir: &tempfile::TempDir) -> Ledger {
+pub(super) fn open(dir: &tempfile::TempDir) -> Ledger {
     Ledger::open(dir.path().join("ledger")).expect("open ledger")
 }
 
 fn raw_serial_entry(ledger: &Ledger, serial: &[u8]) -> Option<Vec<u8>> {
-    let store = &ledger.store;
-    store.db.get_cf(store.cf(keys::CF_SERIALS), serial).expect("read serials column family")
+    ledger
+        .machine
+        .with_store(|store| {
+            Ok(store.db.get_cf(store.cf(keys::CF_SERIALS), serial).expect("read serials column family"))
+        })
+        .expect("open database")
+}
+
+fn compact_serials(ledger: &Ledger) {
+    ledger
+        .machine
+        .with_store(|store| {
+            store.db.compact_range_cf(store.cf(keys::CF_SERIALS), None::<&[u8]>, None::<&[u8]>);
+            Ok(())
+        })
+        .expect("open database");
 }
 
 fn expect_duplicate(result: Result<ApplyOutcome, LedgerError>, expected_serial: &[u8]) {
@@ -69,9 +83,9 @@ fn install_ca_activates_new_version() {
 
     let first = ledger.apply(&install_ca("key-1")).expect("install first CA");
     assert_eq!(first.index, 1);
-    assert_eq!(first.result, CommandResult::CaInstalled { version: 1 });
+    assert_eq!(first.result, CommandResult::CaInstalled { version: 1, already_installed: false });
     let second = ledger.apply(&install_ca("key-2")).expect("install second CA");
-    assert_eq!(second.result, CommandResult::CaInstalled { version: 2 });
+    assert_eq!(second.result, CommandResult::CaInstalled { version: 2, already_installed: false });
 
     let active = ledger.active_ca().expect("read active CA").expect("active CA");
     assert_eq!(active.version, 2);
@@ -110,7 +124,7 @@ fn record_and_read_back() {
     let records = vec![record(1), record(2)];
 
     let outcome = ledger.apply(&Command::record_issuances(records.clone())).expect("record issuances");
-    assert_eq!(outcome.result, CommandResult::IssuancesRecorded { count: 2 });
+    assert_eq!(outcome.result, CommandResult::IssuancesRecorded { count: 2, already_recorded: 0 });
     for expected in &records {
         let stored = ledger.issuance(&expected.serial).expect("read issuance");
         assert_eq!(stored.as_ref(), Some(expected));
@@ -140,7 +154,7 @@ fn reopen_keeps_state() {
 
     let next = ledger.apply(&install_ca("key-2")).expect("install CA after reopen");
     assert_eq!(next.index, index + 1);
-    assert_eq!(next.result, CommandResult::CaInstalled { version: 2 });
+    assert_eq!(next.result, CommandResult::CaInstalled { version: 2, already_installed: false });
 }
 
 #[test]
@@ -150,7 +164,8 @@ fn duplicate_in_ledger_rejected() {
     ledger.apply(&Command::record_issuances(vec![record(1)])).expect("record first issuance");
     let digest_before = ledger.digest();
 
-    let result = ledger.apply(&Command::record_issuances(vec![record(2), record(1)]));
+    let other_certificate = record_with(serial(1), NOT_AFTER + HOUR);
+    let result = ledger.apply(&Command::record_issuances(vec![record(2), other_certificate]));
     expect_duplicate(result, &serial(1));
 
     assert_eq!(ledger.applied_index(), 2);
@@ -165,7 +180,8 @@ fn duplicate_within_batch_rejected() {
     let dir = tempfile::tempdir().expect("create temp dir");
     let ledger = open(&dir);
 
-    let result = ledger.apply(&Command::record_issuances(vec![record(7), record(8), record(7)]));
+    let other_certificate = record_with(serial(7), NOT_AFTER + HOUR);
+    let result = ledger.apply(&Command::record_issuances(vec![record(7), record(8), other_certificate]));
     expect_duplicate(result, &serial(7));
 
     assert_eq!(ledger.applied_index(), 1);
@@ -247,11 +263,12 @@ async fn concurrent_duplicate_fails_only_its_waiter() {
     let ledger = Arc::new(open(&dir));
     ledger.record(record(1000)).await.expect("record first issuance");
 
+    // Task 100 records another certificate with the stored serial 1000.
     let mut tasks = Vec::new();
     for n in 0..200u32 {
         let ledger = Arc::clone(&ledger);
-        let serial_number = if n == 100 { 1000 } else { n };
-        tasks.push(tokio::spawn(async move { (n, ledger.record(record(serial_number)).await) }));
+        let record = if n == 100 { record_with(serial(1000), NOT_AFTER + HOUR) } else { record(n) };
+        tasks.push(tokio::spawn(async move { (n, ledger.record(record).await) }));
     }
     for task in tasks {
         let (n, result) = task.await.expect("join task");
@@ -269,23 +286,25 @@ async fn concurrent_duplicate_fails_only_its_waiter() {
 }
 
 /// Drives one batch through the writer directly, so the duplicates are in
-/// the same command regardless of thread timing.
+/// the same entry regardless of thread timing.
 #[test]
-fn writer_retries_batch_without_duplicates() {
+fn writer_fails_only_duplicate_records() {
     let dir = tempfile::tempdir().expect("create temp dir");
     let ledger = open(&dir);
     ledger.apply(&Command::record_issuances(vec![record(1000)])).expect("record first issuance");
 
-    // Serial 1000 is already recorded, serial 5 appears twice.
+    // Positions 2 and 5 hold other certificates with the serials 1000
+    // (stored) and 5 (position 3).
     let serials = [1, 2, 1000, 5, 3, 5, 4];
     let mut batch = Vec::new();
     let mut results = Vec::new();
-    for n in serials {
+    for (position, n) in serials.into_iter().enumerate() {
+        let record = if position == 2 || position == 5 { record_with(serial(n), NOT_AFTER + HOUR) } else { record(n) };
         let (done, result) = oneshot::channel();
-        batch.push(Pending { record: record(n), done });
+        batch.push(Pending { record, done });
         results.push(result);
     }
-    writer::commit(&ledger.store, batch);
+    writer::commit(&ledger.machine, batch);
 
     let outcomes: Vec<Result<(), LedgerError>> =
         results.into_iter().map(|mut result| result.try_recv().expect("waiter completed")).collect();
@@ -301,10 +320,13 @@ fn writer_retries_batch_without_duplicates() {
         }
     }
     let stats = ledger.stats();
-    assert_eq!(stats.batch_retries, 1);
-    assert_eq!(stats.rejected_commands, 1);
+    assert_eq!(stats.rejected_commands, 2);
+    assert_eq!(stats.batches_written, 2);
+    assert_eq!(stats.largest_batch, 5);
     assert_eq!(ledger.issuance_count(), 6);
-    assert_eq!(ledger.applied_index(), 3);
+    assert_eq!(ledger.applied_index(), 2);
+    assert_eq!(ledger.issuance(&serial(5)).expect("read issuance"), Some(record(5)));
+    assert_eq!(ledger.issuance(&serial(1000)).expect("read issuance"), Some(record(1000)));
 }
 
 #[test]
@@ -343,16 +365,15 @@ fn purged_serial_can_be_recorded_again() {
         .expect("record issuances");
     ledger.apply(&Command::purge_expired(base + HOUR)).expect("purge expired");
 
-    let store = &ledger.store;
     assert!(raw_serial_entry(&ledger, &serial(1)).is_some());
-    store.db.compact_range_cf(store.cf(keys::CF_SERIALS), None::<&[u8]>, None::<&[u8]>);
+    compact_serials(&ledger);
     assert_eq!(raw_serial_entry(&ledger, &serial(1)), None);
     assert!(raw_serial_entry(&ledger, &serial(2)).is_some());
 
     let again = record_with(serial(1), base + 3 * HOUR);
     ledger.apply(&Command::record_issuances(vec![again.clone()])).expect("record purged serial again");
     assert_eq!(ledger.issuance(&serial(1)).expect("read issuance"), Some(again));
-    store.db.compact_range_cf(store.cf(keys::CF_SERIALS), None::<&[u8]>, None::<&[u8]>);
+    compact_serials(&ledger);
     assert!(raw_serial_entry(&ledger, &serial(1)).is_some());
     expect_duplicate(
         ledger.apply(&Command::record_issuances(vec![record_with(serial(1), base + 4 * HOUR)])),
@@ -424,6 +445,7 @@ fn digest_chains_index_and_bytes() {
 
     let mut input = vec![0u8; 32];
     input.extend_from_slice(&1u64.to_be_bytes());
+    input.extend_from_slice(&u32::try_from(bytes.len()).expect("short command").to_be_bytes());
     input.extend_from_slice(&bytes);
     assert_eq!(outcome.digest.as_slice(), digest(&SHA256, &input).as_ref());
     assert_eq!(ledger.digest(), outcome.digest);

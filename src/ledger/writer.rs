@@ -1,9 +1,7 @@
-//! The group-commit writer: one thread that turns queued records into
-//! `RecordIssuances` commands, so concurrent issuances share one synced write.
+//! The group-commit writer: one thread that turns queued records into one
+//! entry, so concurrent issuances share one synced write.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::thread::{self, JoinHandle};
 
 use prost::Message;
@@ -11,9 +9,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::command::{Command, IssuanceRecord};
 use super::error::LedgerError;
-use super::store::Store;
+use super::machine::StateMachine;
+use super::store::Durability;
 
-/// Maximum number of records in one `RecordIssuances` command.
+/// Maximum number of records the writer puts in one entry.
 pub const MAX_BATCH_RECORDS: usize = 1024;
 
 /// Capacity of the queue in front of the writer. `Ledger::record` waits
@@ -26,12 +25,12 @@ pub(crate) struct Pending {
     pub(crate) done: oneshot::Sender<Result<(), LedgerError>>,
 }
 
-pub(crate) fn spawn(store: Arc<Store>, queue: mpsc::Receiver<Pending>) -> std::io::Result<JoinHandle<()>> {
-    thread::Builder::new().name("sigil-ledger-writer".to_owned()).spawn(move || run(&store, queue))
+pub(crate) fn spawn(machine: Arc<StateMachine>, queue: mpsc::Receiver<Pending>) -> std::io::Result<JoinHandle<()>> {
+    thread::Builder::new().name("sigil-ledger-writer".to_owned()).spawn(move || run(&machine, queue))
 }
 
 /// Writes batches until every sender is dropped and the queue is drained.
-fn run(store: &Store, mut queue: mpsc::Receiver<Pending>) {
+fn run(machine: &StateMachine, mut queue: mpsc::Receiver<Pending>) {
     while let Some(first) = queue.blocking_recv() {
         let mut batch = Vec::with_capacity(MAX_BATCH_RECORDS.min(queue.len() + 1));
         batch.push(first);
@@ -41,83 +40,32 @@ fn run(store: &Store, mut queue: mpsc::Receiver<Pending>) {
                 Err(_) => break,
             }
         }
-        commit(store, batch);
+        commit(machine, batch);
     }
 }
 
-/// Applies `batch` as one command and completes every waiter after the
-/// synced write. When the command is rejected, the offending records fail
-/// with their own errors and the rest are applied again as a new command.
-pub(crate) fn commit(store: &Store, batch: Vec<Pending>) {
-    let (mut records, mut waiters): (Vec<_>, Vec<_>) =
-        batch.into_iter().map(|pending| (pending.record, pending.done)).unzip();
+/// Applies `batch` as the next entry, with one `RecordIssuances` command per
+/// record so that each record gets its own result, and completes every
+/// waiter after the synced write.
+pub(crate) fn commit(machine: &StateMachine, batch: Vec<Pending>) {
+    let (records, waiters): (Vec<_>, Vec<_>) = batch.into_iter().map(|pending| (pending.record, pending.done)).unzip();
+    let commands: Vec<Vec<u8>> =
+        records.into_iter().map(|record| Command::record_issuances(vec![record]).encode_to_vec()).collect();
+    let command_slices: Vec<&[u8]> = commands.iter().map(Vec::as_slice).collect();
 
-    while !records.is_empty() {
-        let bytes = Command::record_issuances(records.clone()).encode_to_vec();
-        let rejection = match store.apply_encoded(&bytes) {
-            Ok(applied) => match applied.outcome {
-                Ok(_) => {
-                    complete_all(waiters, &Ok(()));
-                    return;
-                }
-                Err(rejection) => rejection,
-            },
-            Err(error) => {
-                tracing::error!(records = records.len(), %error, "write issuance batch failed");
-                complete_all(waiters, &Err(error));
-                return;
-            }
-        };
-
-        let mut failed: HashMap<usize, LedgerError> = HashMap::new();
-        for offender in rejection.offenders {
-            match offender.position {
-                Some(position) if position < records.len() => {
-                    failed.entry(position).or_insert(offender.error);
-                }
-                // A rejection of the whole command cannot be narrowed to
-                // one record, so every waiter gets it.
-                _ => {
-                    complete_all(waiters, &Err(offender.error));
-                    return;
-                }
+    match machine.apply_next(&command_slices, Durability::Synced) {
+        Ok(entry) => {
+            for (waiter, outcome) in waiters.into_iter().zip(entry.results) {
+                // The caller may have dropped its future, so a closed channel
+                // is expected and ignored.
+                let _ = waiter.send(outcome.map(|_| ()));
             }
         }
-        if failed.is_empty() {
-            let error = LedgerError::InvalidCommand {
-                command: "record_issuances",
-                reason: "rejected without naming a record".to_owned(),
-            };
-            complete_all(waiters, &Err(error));
-            return;
-        }
-
-        let mut kept_records = Vec::with_capacity(records.len() - failed.len());
-        let mut kept_waiters = Vec::with_capacity(records.len() - failed.len());
-        for (position, (record, waiter)) in records.into_iter().zip(waiters).enumerate() {
-            match failed.remove(&position) {
-                Some(error) => {
-                    // The caller may have dropped its future, so a closed
-                    // channel is expected and ignored.
-                    let _ = waiter.send(Err(error));
-                }
-                None => {
-                    kept_records.push(record);
-                    kept_waiters.push(waiter);
-                }
+        Err(error) => {
+            tracing::error!(records = waiters.len(), %error, "write issuance batch failed");
+            for waiter in waiters {
+                let _ = waiter.send(Err(error.clone()));
             }
         }
-        records = kept_records;
-        waiters = kept_waiters;
-        if !records.is_empty() {
-            store.counters.batch_retries.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
-fn complete_all(waiters: Vec<oneshot::Sender<Result<(), LedgerError>>>, result: &Result<(), LedgerError>) {
-    for waiter in waiters {
-        // A caller that dropped its future no longer waits for the result.
-        let _ = waiter.send(result.clone());
     }
 }

@@ -9,6 +9,15 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/sigil/target
 export PATH := $(HOME)/.cache/sigil/venv/bin:$(HOME)/.cargo/bin:$(PATH)
 SIGIL := $(CARGO_TARGET_DIR)/release/sigil
 
+# RocksDB's C++ library is compiled once and kept beside the build folder. Cargo compiles a -sys
+# crate's C++ sources again whenever the features of its build tools change (adding a crate can do
+# that), which takes 30 minutes or more on 2 cores; linking the kept archive avoids it.
+ROCKSDB_KEPT := $(HOME)/.cache/sigil/rocksdb-11.8.1
+ifneq ($(wildcard $(ROCKSDB_KEPT)/librocksdb.a),)
+export ROCKSDB_LIB_DIR := $(ROCKSDB_KEPT)
+export ROCKSDB_STATIC := 1
+endif
+
 .PHONY: all prereqs build demo test bench lint clean-dev
 
 all: build
@@ -18,6 +27,7 @@ prereqs:
 
 build: prereqs
 	cargo build --release --bins
+	@scripts/keep-rocksdb.sh "$(CARGO_TARGET_DIR)" "$(ROCKSDB_KEPT)"
 
 demo: build
 	scripts/demo.sh "$(SIGIL)"

@@ -105,7 +105,7 @@ async fn main() {
             (Some(node), dir)
         }
     };
-    let connection = Connection::from_dev_dir(&dir).expect("read dev folder");
+    let connection = Connection::from_dev_dir(&dir, None).expect("read dev folder");
     let csrs = Arc::new(make_csrs());
 
     let mut clients = Vec::new();

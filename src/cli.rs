@@ -142,9 +142,13 @@ pub enum IssueCommand {
 /// How to reach a node: a dev folder, or an address with explicit credentials.
 #[derive(Debug, Clone, Args)]
 pub struct Target {
-    /// Folder created by `sigil dev`; uses its first node and admin credential.
+    /// Folder created by `sigil dev`; uses its admin credential and its first node, or the node
+    /// that --node names (`status` asks every node when --node is not given).
     #[arg(long, conflicts_with_all = ["server", "cert", "key", "ca"])]
     pub dev_dir: Option<PathBuf>,
+    /// Node id within the --dev-dir deployment.
+    #[arg(long, requires = "dev_dir")]
+    pub node: Option<u64>,
     /// Node gRPC address, e.g. 127.0.0.1:8443.
     #[arg(long, requires_all = ["cert", "key", "ca"])]
     pub server: Option<String>,
@@ -173,9 +177,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Init(args) => {
             crate::logging::init(crate::config::LogFormat::Human, "warn");
-            crate::setup::init(&args)
+            runtime()?.block_on(crate::setup::init(&args))
         }
-        Command::Ca(CaCommand::Install { config, cert, root }) => crate::setup::install(&config, &cert, &root),
+        Command::Ca(CaCommand::Install { config, cert, root }) => {
+            runtime()?.block_on(crate::setup::install(&config, &cert, &root))
+        }
         Command::Ca(CaCommand::IssueClient { config, spiffe_id, out, ttl }) => {
             runtime()?.block_on(crate::setup::issue_client(&config, &spiffe_id, &out, ttl))
         }

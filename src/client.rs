@@ -44,7 +44,7 @@ impl Connection {
     /// Fails when neither form is complete or endpoints.json cannot be read.
     pub fn from_target(target: &Target) -> anyhow::Result<Connection> {
         if let Some(dir) = &target.dev_dir {
-            return Connection::from_dev_dir(dir);
+            return Connection::from_dev_dir(dir, target.node);
         }
         match (&target.server, &target.cert, &target.key, &target.ca) {
             (Some(server), Some(cert), Some(key), Some(ca)) => {
@@ -54,23 +54,50 @@ impl Connection {
         }
     }
 
-    /// Uses the first node and the admin credential of a `sigil dev` folder.
+    /// Uses one node (the first unless `node` names another) and the admin credential of a
+    /// `sigil dev` folder.
+    ///
+    /// # Errors
+    ///
+    /// Fails when endpoints.json is missing (is `sigil dev` running?) or does not list the node.
+    pub fn from_dev_dir(dir: &Path, node: Option<u64>) -> anyhow::Result<Connection> {
+        let all = Connection::all_from_dev_dir(dir)?;
+        let path = dir.join("endpoints.json");
+        let found = match node {
+            Some(id) => all.into_iter().find(|(node_id, _)| *node_id == id),
+            None => all.into_iter().next(),
+        };
+        found
+            .map(|(_, connection)| connection)
+            .with_context(|| format!("{} does not list node {}", path.display(), node.map_or(1, |id| id)))
+    }
+
+    /// Returns a connection to every node of a `sigil dev` folder, with its node id.
     ///
     /// # Errors
     ///
     /// Fails when endpoints.json is missing (is `sigil dev` running?) or lists no node.
-    pub fn from_dev_dir(dir: &Path) -> anyhow::Result<Connection> {
+    pub fn all_from_dev_dir(dir: &Path) -> anyhow::Result<Vec<(u64, Connection)>> {
         let path = dir.join("endpoints.json");
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("read {} (is `sigil dev --dir {}` running?)", path.display(), dir.display()))?;
         let endpoints: Endpoints = serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
-        let node = endpoints.nodes.first().with_context(|| format!("{} lists no node", path.display()))?;
-        Ok(Connection {
-            address: node.grpc.clone(),
-            cert: dir.join("client/cert.pem"),
-            key: dir.join("client/key.pem"),
-            ca: dir.join("bundle.pem"),
-        })
+        if endpoints.nodes.is_empty() {
+            bail!("{} lists no node", path.display());
+        }
+        Ok(endpoints
+            .nodes
+            .iter()
+            .map(|node| {
+                let connection = Connection {
+                    address: node.grpc.clone(),
+                    cert: dir.join("client/cert.pem"),
+                    key: dir.join("client/key.pem"),
+                    ca: dir.join("bundle.pem"),
+                };
+                (node.id, connection)
+            })
+            .collect())
     }
 
     /// Opens an mTLS channel to the node.
@@ -151,39 +178,94 @@ pub fn svid_csr(key: &rcgen::KeyPair, spiffe_id: &str, dns: &[String]) -> anyhow
     Ok(csr.der().to_vec())
 }
 
-/// Prints the node status as a table or JSON.
+/// Prints the status of the target node, or of every node of a dev folder, as a table or JSON.
+/// A node that cannot be reached is listed with the error.
 ///
 /// # Errors
 ///
-/// Fails when the node cannot be reached or refuses the caller.
+/// Fails when the target is incomplete, or no node answers.
 pub async fn status(target: &Target, json: bool) -> anyhow::Result<()> {
-    let connection = Connection::from_target(target)?;
+    let connections = match (&target.dev_dir, target.node) {
+        (Some(dir), None) => Connection::all_from_dev_dir(dir)?,
+        _ => vec![(target.node.unwrap_or(0), Connection::from_target(target)?)],
+    };
+    let queries = connections.into_iter().map(|(id, connection)| async move { (id, node_status(&connection).await) });
+    let answers = futures_join_all(queries).await;
+
+    let mut trust_domain = String::new();
+    let mut nodes = Vec::new();
+    let mut failures = Vec::new();
+    for (id, answer) in answers {
+        match answer {
+            Ok(response) => {
+                trust_domain = response.trust_domain;
+                nodes.extend(response.nodes);
+            }
+            Err(error) => failures.push((id, format!("{error:#}"))),
+        }
+    }
+    if nodes.is_empty() {
+        let reasons: Vec<String> = failures.iter().map(|(id, error)| format!("node {id}: {error}")).collect();
+        bail!("no node answered: {}", reasons.join("; "));
+    }
+    let response = crate::proto::GetStatusResponse { nodes, trust_domain };
+
+    if json {
+        let mut value = status_json(&response);
+        if let Some(list) = value.get_mut("nodes").and_then(serde_json::Value::as_array_mut) {
+            for (id, error) in &failures {
+                list.push(serde_json::json!({ "id": id, "reachable": false, "ready": false, "error": error }));
+            }
+        }
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    println!("trust domain: {}", response.trust_domain);
+    println!("ID   ROLE          TERM  READY  GRPC                   COMMIT   APPLIED   ISSUED  DIGEST");
+    for node in &response.nodes {
+        println!(
+            "{:<4} {:<13} {:>4}  {:<6} {:<22} {:>7} {:>9} {:>8}  {}",
+            node.id,
+            node.role,
+            node.term,
+            node.ready,
+            node.grpc_address,
+            node.commit_index,
+            node.applied_index,
+            node.issued_total,
+            node.ledger_digest.get(..16).unwrap_or(&node.ledger_digest)
+        );
+    }
+    for (id, error) in &failures {
+        println!("{id:<4} unreachable: {error}");
+    }
+    Ok(())
+}
+
+async fn node_status(connection: &Connection) -> anyhow::Result<crate::proto::GetStatusResponse> {
     let mut client = AdminClient::new(connection.connect().await?);
     let response = client
         .get_status(GetStatusRequest {})
         .await
-        .map_err(|status| anyhow::anyhow!("request rejected by the node: {:?}: {}", status.code(), status.message()))?
-        .into_inner();
+        .map_err(|status| anyhow::anyhow!("request rejected by the node: {:?}: {}", status.code(), status.message()))?;
+    Ok(response.into_inner())
+}
 
-    if json {
-        println!("{}", serde_json::to_string_pretty(&status_json(&response))?);
-        return Ok(());
+/// Runs the futures concurrently and returns their outputs in order.
+async fn futures_join_all<F: std::future::Future + Send + 'static>(
+    futures: impl IntoIterator<Item = F>,
+) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut outputs = Vec::with_capacity(handles.len());
+    for handle in handles {
+        if let Ok(output) = handle.await {
+            outputs.push(output);
+        }
     }
-    println!("trust domain: {}", response.trust_domain);
-    println!("ID   ROLE        READY  GRPC                      APPLIED     ISSUED  CA NOT AFTER");
-    for node in &response.nodes {
-        let not_after = node
-            .ca
-            .as_ref()
-            .and_then(|ca| time::OffsetDateTime::from_unix_timestamp(ca.not_after).ok())
-            .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
-            .unwrap_or_else(|| "-".to_owned());
-        println!(
-            "{:<4} {:<11} {:<6} {:<22} {:>10} {:>10}  {}",
-            node.id, node.role, node.ready, node.grpc_address, node.applied_index, node.issued_total, not_after
-        );
-    }
-    Ok(())
+    outputs
 }
 
 fn status_json(response: &crate::proto::GetStatusResponse) -> serde_json::Value {
@@ -196,8 +278,18 @@ fn status_json(response: &crate::proto::GetStatusResponse) -> serde_json::Value 
                 "role": node.role,
                 "ready": node.ready,
                 "grpc": node.grpc_address,
+                "reachable": true,
+                "term": node.term,
+                "commit_index": node.commit_index,
                 "applied_index": node.applied_index,
                 "ledger_digest": node.ledger_digest,
+                "leader_id": node.leader_id,
+                "voters": node.voters,
+                "learners": node.learners,
+                "raft_address": node.raft_address,
+                "halted": (!node.halted.is_empty()).then_some(&node.halted),
+                "log_first_index": node.log_first_index,
+                "snapshot_index": node.snapshot_index,
                 "issued_total": node.issued_total,
                 "version": node.version,
                 "uptime_seconds": node.uptime_seconds,

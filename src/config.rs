@@ -36,6 +36,8 @@ pub struct Config {
     pub log: LogSection,
     #[serde(default)]
     pub policy: PolicySection,
+    #[serde(default)]
+    pub raft: RaftSection,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -45,6 +47,11 @@ pub struct ListenConfig {
     pub grpc: SocketAddr,
     /// Address of the plain-HTTP listener for /metrics, /healthz and /readyz.
     pub metrics: SocketAddr,
+    /// Address of the mTLS listener for Raft traffic between nodes. Other nodes reach this node
+    /// at `raft_advertise`, or at this address when that is not set.
+    pub raft: SocketAddr,
+    /// Address other nodes use to reach this node's Raft listener, when it differs from `raft`.
+    pub raft_advertise: Option<String>,
     /// DNS names in the node's own TLS server certificate.
     #[serde(default = "default_tls_dns_names")]
     pub tls_dns_names: Vec<String>,
@@ -101,6 +108,79 @@ pub struct IssuanceSection {
     /// records at start and every hour, in whole hours of expiry.
     #[serde(with = "humantime_serde", default = "default_retention")]
     pub retention: Duration,
+}
+
+/// Raft timing, batching and snapshot settings. The defaults suit a cluster on one network.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RaftSection {
+    /// Time between two Raft ticks.
+    #[serde(with = "humantime_serde", default = "default_raft_tick")]
+    pub tick: Duration,
+    /// Ticks without a leader before a follower starts an election (randomized up to twice this).
+    #[serde(default = "default_election_ticks")]
+    pub election_ticks: usize,
+    /// Ticks between two heartbeats of the leader.
+    #[serde(default = "default_heartbeat_ticks")]
+    pub heartbeat_ticks: usize,
+    /// Time after which an issuance whose record is not committed fails with UNAVAILABLE.
+    #[serde(with = "humantime_serde", default = "default_commit_timeout")]
+    pub commit_timeout: Duration,
+    /// Maximum time a record waits for others to share its Raft entry.
+    #[serde(with = "humantime_serde", default)]
+    pub batch_delay: Duration,
+    /// Maximum number of records in one Raft entry.
+    #[serde(default = "default_max_batch_records")]
+    pub max_batch_records: usize,
+    /// Applied entries between two snapshots.
+    #[serde(default = "default_snapshot_interval")]
+    pub snapshot_interval: u64,
+    /// Entries kept in the log before the latest snapshot for followers that are a little behind.
+    #[serde(default = "default_log_entries_kept")]
+    pub log_entries_kept: u64,
+}
+
+impl Default for RaftSection {
+    fn default() -> Self {
+        RaftSection {
+            tick: default_raft_tick(),
+            election_ticks: default_election_ticks(),
+            heartbeat_ticks: default_heartbeat_ticks(),
+            commit_timeout: default_commit_timeout(),
+            batch_delay: Duration::ZERO,
+            max_batch_records: default_max_batch_records(),
+            snapshot_interval: default_snapshot_interval(),
+            log_entries_kept: default_log_entries_kept(),
+        }
+    }
+}
+
+fn default_raft_tick() -> Duration {
+    Duration::from_millis(100)
+}
+
+fn default_election_ticks() -> usize {
+    10
+}
+
+fn default_heartbeat_ticks() -> usize {
+    2
+}
+
+fn default_commit_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_max_batch_records() -> usize {
+    4096
+}
+
+fn default_snapshot_interval() -> u64 {
+    20_000
+}
+
+fn default_log_entries_kept() -> u64 {
+    5_000
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -278,6 +358,31 @@ impl Config {
         self.validate_ca()?;
         self.validate_issuance()?;
         self.validate_policy()?;
+        self.validate_raft()?;
+        Ok(())
+    }
+
+    fn validate_raft(&self) -> Result<(), ConfigError> {
+        let raft = &self.raft;
+        if raft.tick < Duration::from_millis(10) || raft.tick > Duration::from_secs(10) {
+            return Err(invalid("raft.tick", seconds(raft.tick), "must be between 10ms and 10s"));
+        }
+        if raft.heartbeat_ticks == 0 || raft.election_ticks <= raft.heartbeat_ticks {
+            return Err(invalid(
+                "raft.election_ticks",
+                raft.election_ticks,
+                format!("must be more than raft.heartbeat_ticks ({}), which must be at least 1", raft.heartbeat_ticks),
+            ));
+        }
+        if raft.commit_timeout < raft.tick * 2 {
+            return Err(invalid("raft.commit_timeout", seconds(raft.commit_timeout), "must be at least two ticks"));
+        }
+        if raft.max_batch_records == 0 {
+            return Err(invalid("raft.max_batch_records", raft.max_batch_records, "must be at least 1"));
+        }
+        if raft.snapshot_interval == 0 {
+            return Err(invalid("raft.snapshot_interval", raft.snapshot_interval, "must be at least 1"));
+        }
         Ok(())
     }
 
@@ -420,6 +525,31 @@ impl Config {
         self.data_dir.join("ledger")
     }
 
+    /// Returns the folder of the node's TLS identity for Raft traffic.
+    pub fn node_tls_path(&self) -> PathBuf {
+        self.data_dir.join("node-tls")
+    }
+
+    /// Returns the address other nodes use for this node's Raft listener.
+    pub fn raft_address(&self) -> String {
+        self.listen.raft_advertise.clone().unwrap_or_else(|| self.listen.raft.to_string())
+    }
+
+    /// Returns the Raft node settings for this node.
+    pub fn raft_node_config(&self) -> sigil_raft::NodeConfig {
+        let mut node = sigil_raft::NodeConfig::new(self.node_id);
+        node.tick_interval = self.raft.tick;
+        node.election_ticks = self.raft.election_ticks;
+        node.heartbeat_ticks = self.raft.heartbeat_ticks;
+        node.proposal_timeout = self.raft.commit_timeout;
+        node.retry_interval = self.raft.tick * self.raft.election_ticks as u32;
+        node.batch_delay = self.raft.batch_delay;
+        node.max_batch_proposals = self.raft.max_batch_records;
+        node.snapshot_interval = self.raft.snapshot_interval;
+        node.log_entries_kept = self.raft.log_entries_kept;
+        node
+    }
+
     /// Returns the SPIFFE ID the node puts in its own TLS certificate.
     pub fn node_spiffe_id(&self) -> String {
         format!("spiffe://{}/sigil/node/{}", self.trust_domain, self.node_id)
@@ -438,6 +568,7 @@ data_dir = "/tmp/sigil"
 [listen]
 grpc = "127.0.0.1:8443"
 metrics = "127.0.0.1:9090"
+raft = "127.0.0.1:8444"
 
 [hsm]
 module = "/usr/lib/softhsm/libsofthsm2.so"

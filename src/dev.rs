@@ -18,7 +18,7 @@ use crate::cli::DevArgs;
 use crate::client::{Endpoints, NodeEndpoint};
 use crate::config::{
     AuditSection, CaSection, CallerPolicy, Config, HsmSection, IssuanceSection, ListenConfig, LogSection, PolicyMode,
-    PolicySection,
+    PolicySection, RaftSection,
 };
 use crate::policy::DnsPattern;
 use crate::setup::write_private;
@@ -216,6 +216,8 @@ fn node_config(id: u64, trust_domain: &str, node_dir: &Path) -> anyhow::Result<S
         listen: ListenConfig {
             grpc: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
             metrics: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+            raft: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+            raft_advertise: None,
             tls_dns_names: vec!["localhost".to_owned()],
             tls_ip_addresses: vec![IpAddr::from([127, 0, 0, 1])],
         },
@@ -237,6 +239,7 @@ fn node_config(id: u64, trust_domain: &str, node_dir: &Path) -> anyhow::Result<S
         audit: AuditSection { path: Some(node_dir.join("audit.jsonl")) },
         log: LogSection::default(),
         policy: PolicySection { mode: PolicyMode::Enforce, callers: vec![admin] },
+        raft: RaftSection::default(),
     };
     config.validate()?;
     Ok(format!("# Dev node {id}, written by `sigil dev`.\n{}", toml::to_string_pretty(&config)?))

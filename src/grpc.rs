@@ -24,7 +24,7 @@ pub fn status_from(error: &IssueError) -> Status {
         IssueError::Denied(_) => Status::permission_denied(message),
         IssueError::RateLimited(_) => Status::resource_exhausted(message),
         IssueError::CaUnavailable(_) => Status::failed_precondition(message),
-        IssueError::Signing(_) | IssueError::Ledger(_) => Status::unavailable(message),
+        IssueError::Signing(_) | IssueError::Ledger(_) | IssueError::NotCommitted(_) => Status::unavailable(message),
         IssueError::Internal(_) => Status::internal(message),
     }
 }
@@ -153,13 +153,24 @@ impl Admin for AdminService {
         let ledger = self.issuance.ledger();
         let summary = self.issuance.ca().summary();
         let ca_version = ledger.active_ca().ok().flatten().map_or(0, |ca| ca.version);
+        let raft = self.issuance.replica().status();
+        let (applied_index, digest) = ledger.applied_state();
         let node = NodeStatus {
             id: self.issuance.settings().node_id,
-            role: "standalone".to_owned(),
+            role: raft.role.as_str().to_owned(),
             ready: self.health.is_ready(),
             grpc_address: self.node.grpc_address.clone(),
-            applied_index: ledger.applied_index(),
-            ledger_digest: hex::encode(ledger.digest()),
+            applied_index,
+            ledger_digest: hex::encode(digest),
+            term: raft.term,
+            commit_index: raft.commit_index,
+            leader_id: raft.leader.unwrap_or(0),
+            raft_address: raft.peers.get(&raft.id).cloned().unwrap_or_default(),
+            voters: raft.voters,
+            learners: raft.learners,
+            halted: raft.halted.unwrap_or_default(),
+            log_first_index: raft.first_index,
+            snapshot_index: raft.snapshot_index,
             issued_total: ledger.issuance_count(),
             ca: Some(CaStatus {
                 subject: summary.subject.clone(),

@@ -14,6 +14,7 @@ use crate::csr::{CsrError, check_csr};
 use crate::ledger::{IssuanceRecord, Ledger, LedgerError};
 use crate::metrics::Metrics;
 use crate::policy::{Policy, PolicyDenial, PolicyRequest, RateLimited};
+use crate::replica::{Replica, WriteError};
 use crate::spiffe_id::SpiffeId;
 
 /// Profile name of X509-SVIDs in records, metrics and audit events.
@@ -42,6 +43,8 @@ pub enum IssueError {
     Signing(#[source] CaError),
     #[error("record issuance: {0}")]
     Ledger(#[source] LedgerError),
+    #[error("record issuance: {0}")]
+    NotCommitted(#[source] sigil_raft::RaftError),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -74,7 +77,7 @@ pub struct IssuanceSettings {
 pub struct Issuance {
     ca: Arc<IssuingCa>,
     policy: Policy,
-    ledger: Arc<Ledger>,
+    replica: Arc<Replica>,
     audit: Arc<AuditLog>,
     metrics: Metrics,
     settings: IssuanceSettings,
@@ -84,12 +87,12 @@ impl Issuance {
     pub fn new(
         ca: Arc<IssuingCa>,
         policy: Policy,
-        ledger: Arc<Ledger>,
+        replica: Arc<Replica>,
         audit: Arc<AuditLog>,
         metrics: Metrics,
         settings: IssuanceSettings,
     ) -> Issuance {
-        Issuance { ca, policy, ledger, audit, metrics, settings }
+        Issuance { ca, policy, replica, audit, metrics, settings }
     }
 
     pub fn ca(&self) -> &Arc<IssuingCa> {
@@ -101,7 +104,11 @@ impl Issuance {
     }
 
     pub fn ledger(&self) -> &Ledger {
-        &self.ledger
+        self.replica.ledger()
+    }
+
+    pub fn replica(&self) -> &Arc<Replica> {
+        &self.replica
     }
 
     pub fn settings(&self) -> &IssuanceSettings {
@@ -266,7 +273,13 @@ impl Issuance {
             profile: profile.to_owned(),
             cert_sha256: leaf.sha256.to_vec(),
         };
-        self.ledger.record(record).await.map_err(IssueError::Ledger)
+        let started = Instant::now();
+        let result = self.replica.record(record).await;
+        self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+        result.map_err(|error| match error {
+            WriteError::Rejected(error) => IssueError::Ledger(error),
+            WriteError::Unavailable(error) => IssueError::NotCommitted(error),
+        })
     }
 
     /// Issues a certificate the node needs itself, such as its TLS server certificate or a bootstrap

@@ -1,8 +1,8 @@
 //! Sigil: an HSM-backed intermediate certificate authority for zero-trust networks.
 //!
 //! A node checks a caller's CSR against policy, signs an X509-SVID with an intermediate CA key
-//! that never leaves its PKCS#11 HSM, records the issuance durably in its ledger, and only then
-//! responds. See README.md for a walk-through and docs/ for operations.
+//! that never leaves its PKCS#11 HSM, commits the issuance record through the cluster's Raft
+//! leader, and only then responds. See README.md for a walk-through and docs/ for operations.
 
 pub mod audit;
 pub mod ca;
@@ -16,7 +16,10 @@ pub mod issuance;
 pub mod ledger;
 pub mod logging;
 pub mod metrics;
+pub mod node_tls;
+pub mod peer_tls;
 pub mod policy;
+pub mod replica;
 pub mod server;
 pub mod setup;
 pub mod spiffe_id;

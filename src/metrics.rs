@@ -1,8 +1,8 @@
 //! Prometheus metrics, and the plain-HTTP listener that serves them with the health probes.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::extract::State;
@@ -10,10 +10,13 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
+use sigil_raft::Role;
 
-/// Issuance and policy metrics. Label names match the log fields: `profile`, `result`, `decision`.
+/// Issuance, policy and Raft metrics. Label names match the log fields: `profile`, `result`,
+/// `decision`.
 #[derive(Clone)]
 pub struct Metrics {
     pub registry: Registry,
@@ -21,8 +24,19 @@ pub struct Metrics {
     pub issuance_seconds: HistogramVec,
     pub policy_decisions: IntCounterVec,
     pub ca_not_after: GaugeVec,
-    pub ledger_batch_records: prometheus::Histogram,
     pub ready: IntGauge,
+    pub raft_role: IntGaugeVec,
+    pub raft_term: IntGauge,
+    pub raft_commit_index: IntGauge,
+    pub raft_applied_index: IntGauge,
+    pub raft_entries_proposed: IntCounter,
+    pub raft_records_proposed: IntCounter,
+    pub raft_proposals_retried: IntCounter,
+    pub raft_snapshots: IntCounterVec,
+    pub raft_peer_errors: IntCounterVec,
+    pub commit_seconds: prometheus::Histogram,
+    /// Counters of the Raft node as last copied into the metrics above.
+    last_stats: Arc<Mutex<sigil_raft::Stats>>,
 }
 
 impl Metrics {
@@ -61,19 +75,105 @@ impl Metrics {
             ),
             &["subject"],
         )?;
-        let ledger_batch_records = prometheus::Histogram::with_opts(
-            HistogramOpts::new("sigil_ledger_batch_records", "Issuance records per synced ledger write (group commit)")
-                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0]),
+        let ready = IntGauge::new(
+            "sigil_ready",
+            "1 when the node serves requests: CA key verified, listeners up and a Raft leader known",
         )?;
-        let ready = IntGauge::new("sigil_ready", "1 when the node serves requests: CA key verified and listeners up")?;
+        let raft_role = IntGaugeVec::new(
+            Opts::new("sigil_raft_role", "1 for the node's current Raft role, 0 for the others"),
+            &["role"],
+        )?;
+        let raft_term = IntGauge::new("sigil_raft_term", "Current Raft term")?;
+        let raft_commit_index = IntGauge::new("sigil_raft_commit_index", "Highest Raft log index known committed")?;
+        let raft_applied_index =
+            IntGauge::new("sigil_raft_applied_index", "Highest Raft log index applied to the ledger")?;
+        let raft_entries_proposed =
+            IntCounter::new("sigil_raft_entries_proposed_total", "Raft entries of ledger commands this node proposed")?;
+        let raft_records_proposed = IntCounter::new(
+            "sigil_raft_commands_proposed_total",
+            "Ledger commands in the entries this node proposed; divided by the entries, the group-commit batch size",
+        )?;
+        let raft_proposals_retried = IntCounter::new(
+            "sigil_raft_proposals_retried_total",
+            "Ledger commands proposed again after a leader change or a lost message",
+        )?;
+        let raft_snapshots = IntCounterVec::new(
+            Opts::new(
+                "sigil_raft_snapshots_total",
+                "Raft snapshots taken, sent to followers and received from the leader",
+            ),
+            &["event"],
+        )?;
+        let raft_peer_errors = IntCounterVec::new(
+            Opts::new("sigil_raft_peer_errors_total", "Failed connections and streams to Raft peers, by peer node id"),
+            &["peer"],
+        )?;
+        let commit_seconds = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "sigil_ledger_commit_duration_seconds",
+                "Time from proposing an issuance record to its apply on this node after a Raft commit",
+            )
+            .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+        )?;
 
         registry.register(Box::new(issued.clone()))?;
         registry.register(Box::new(issuance_seconds.clone()))?;
         registry.register(Box::new(policy_decisions.clone()))?;
         registry.register(Box::new(ca_not_after.clone()))?;
-        registry.register(Box::new(ledger_batch_records.clone()))?;
         registry.register(Box::new(ready.clone()))?;
-        Ok(Metrics { registry, issued, issuance_seconds, policy_decisions, ca_not_after, ledger_batch_records, ready })
+        registry.register(Box::new(raft_role.clone()))?;
+        registry.register(Box::new(raft_term.clone()))?;
+        registry.register(Box::new(raft_commit_index.clone()))?;
+        registry.register(Box::new(raft_applied_index.clone()))?;
+        registry.register(Box::new(raft_entries_proposed.clone()))?;
+        registry.register(Box::new(raft_records_proposed.clone()))?;
+        registry.register(Box::new(raft_proposals_retried.clone()))?;
+        registry.register(Box::new(raft_snapshots.clone()))?;
+        registry.register(Box::new(raft_peer_errors.clone()))?;
+        registry.register(Box::new(commit_seconds.clone()))?;
+        Ok(Metrics {
+            registry,
+            issued,
+            issuance_seconds,
+            policy_decisions,
+            ca_not_after,
+            ready,
+            raft_role,
+            raft_term,
+            raft_commit_index,
+            raft_applied_index,
+            raft_entries_proposed,
+            raft_records_proposed,
+            raft_proposals_retried,
+            raft_snapshots,
+            raft_peer_errors,
+            commit_seconds,
+            last_stats: Arc::default(),
+        })
+    }
+
+    /// Copies a Raft node status into the Raft metrics.
+    pub fn observe_raft(&self, status: &sigil_raft::NodeStatus) {
+        for role in [Role::Follower, Role::PreCandidate, Role::Candidate, Role::Leader, Role::Learner] {
+            self.raft_role.with_label_values(&[role.as_str()]).set(i64::from(status.role == role));
+        }
+        self.raft_term.set(i64::try_from(status.term).unwrap_or(i64::MAX));
+        self.raft_commit_index.set(i64::try_from(status.commit_index).unwrap_or(i64::MAX));
+        self.raft_applied_index.set(i64::try_from(status.applied_index).unwrap_or(i64::MAX));
+
+        let mut last = self.last_stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let stats = &status.stats;
+        self.raft_entries_proposed.inc_by(stats.batches_proposed.saturating_sub(last.batches_proposed));
+        self.raft_records_proposed.inc_by(stats.proposals_batched.saturating_sub(last.proposals_batched));
+        self.raft_proposals_retried.inc_by(stats.proposals_retried.saturating_sub(last.proposals_retried));
+        for (event, now, before) in [
+            ("taken", stats.snapshots_taken, last.snapshots_taken),
+            ("sent", stats.snapshots_sent, last.snapshots_sent),
+            ("received", stats.snapshots_received, last.snapshots_received),
+        ] {
+            self.raft_snapshots.with_label_values(&[event]).inc_by(now.saturating_sub(before));
+        }
+        *last = stats.clone();
     }
 }
 

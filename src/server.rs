@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use rustls_pki_types::CertificateDer;
 use sigil_hsm::{Hsm, HsmMetrics};
+use sigil_raft::{GrpcTransport, PeerService};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
@@ -21,10 +22,12 @@ use crate::grpc::{AdminService, IssuerService, NodeInfo};
 use crate::issuance::{Issuance, IssuanceSettings};
 use crate::ledger::Ledger;
 use crate::metrics::{Health, Metrics};
+use crate::peer_tls::NodePeerTls;
 use crate::policy::Policy;
 use crate::proto::HsmStatus;
 use crate::proto::admin_server::AdminServer;
 use crate::proto::issuer_server::IssuerServer;
+use crate::replica::{Replica, ReplicaSettings};
 use crate::tls::{NodeCertResolver, certified_key, server_config};
 
 /// TLS handshakes that take longer than this are dropped.
@@ -73,15 +76,50 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 async fn serve_node(config: Config) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut signals = StopSignals::install()?;
-    info!(trust_domain = %config.trust_domain, grpc = %config.listen.grpc, metrics = %config.listen.metrics, "node starting");
+    info!(trust_domain = %config.trust_domain, grpc = %config.listen.grpc, raft = %config.listen.raft, metrics = %config.listen.metrics, "node starting");
 
     let registry = prometheus::Registry::new();
     let metrics = Metrics::new(registry.clone()).context("register metrics")?;
     let health = Health::default();
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
-    let ledger = Arc::new(Ledger::open(config.ledger_path()).context("open ledger")?);
     let hsm = open_hsm(&config, Some(&registry))?;
-    let ca = Arc::new(load_ca(&config, &ledger, &hsm)?);
+    let identity = crate::node_tls::load(&config.node_tls_path()).context("load the node's TLS identity")?;
+    let peer_tls = Arc::new(NodePeerTls::new(&config.trust_domain));
+    let replica = Arc::new(open_replica(&config, &peer_tls, &metrics)?);
+
+    let raft_listener = TcpListener::bind(config.listen.raft)
+        .await
+        .with_context(|| format!("bind Raft listener {}", config.listen.raft))?;
+    let mut raft_listener = Some(raft_listener);
+    let mut raft_server = None;
+    let mut resolver = None;
+    if let Some(identity) = &identity {
+        let node_resolver = Arc::new(NodeCertResolver::new(identity.key.clone()));
+        peer_tls.set_identity(&identity.roots_der, Arc::clone(&node_resolver))?;
+        raft_server = Some(serve_raft(
+            raft_listener.take(),
+            &identity.roots_der,
+            &node_resolver,
+            &replica,
+            &peer_tls,
+            &shutdown_rx,
+        )?);
+        resolver = Some(node_resolver);
+    }
+
+    let committed = replica.status().commit_index;
+    replica.wait_for_applied(committed, Duration::from_secs(30)).await;
+    tokio::select! {
+        waited = replica.wait_for_ca() => waited?,
+        () = signals.wait() => {
+            info!("stopped while waiting for the CA");
+            let _ = shutdown_tx.send(true);
+            return Ok(());
+        }
+    }
+
+    let ca = Arc::new(load_ca(&config, replica.ledger(), &hsm)?);
     metrics
         .ca_not_after
         .with_label_values(&[&ca.summary().subject])
@@ -100,30 +138,60 @@ async fn serve_node(config: Config) -> anyhow::Result<()> {
     let issuance = Arc::new(Issuance::new(
         Arc::clone(&ca),
         Policy::new(&config.policy),
-        Arc::clone(&ledger),
+        Arc::clone(&replica),
         Arc::clone(&audit),
         metrics.clone(),
         settings,
     ));
 
-    let resolver = Arc::new(NodeCertResolver::new(issue_node_key(&config, &issuance).await?));
+    let resolver = match resolver {
+        Some(resolver) => resolver,
+        None => {
+            if !replica.wait_for_leader(Duration::from_secs(60)).await {
+                anyhow::bail!(
+                    "no Raft leader within 60 s, so the node cannot record its first TLS certificate; a node \
+                     that joins a cluster needs its certificate in {} before it starts",
+                    config.node_tls_path().display()
+                );
+            }
+            let resolver = Arc::new(NodeCertResolver::new(issue_node_key(&config, &issuance).await?));
+            peer_tls.set_identity(&ca.chain().roots_der, Arc::clone(&resolver))?;
+            raft_server = Some(serve_raft(
+                raft_listener.take(),
+                &ca.chain().roots_der,
+                &resolver,
+                &replica,
+                &peer_tls,
+                &shutdown_rx,
+            )?);
+            resolver
+        }
+    };
     let tls = server_config(&ca.chain().roots_der, Arc::clone(&resolver))?;
     let grpc_listener = TcpListener::bind(config.listen.grpc)
         .await
         .with_context(|| format!("bind gRPC listener {}", config.listen.grpc))?;
     let metrics_listener = crate::metrics::bind(config.listen.metrics).await?;
 
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    purge_once(&ledger, config.issuance.retention).await;
     let purge = tokio::spawn(
-        purge_expired_records(Arc::clone(&ledger), config.issuance.retention, shutdown_rx.clone()).in_current_span(),
+        purge_expired_records(Arc::clone(&replica), config.issuance.retention, shutdown_rx.clone()).in_current_span(),
     );
     let renewal = tokio::spawn(
-        renew_node_certificate(config.clone(), Arc::clone(&issuance), resolver, shutdown_rx.clone()).in_current_span(),
+        renew_node_certificate(
+            config.clone(),
+            Arc::clone(&issuance),
+            resolver,
+            identity.map(|i| (i.not_before, i.not_after)),
+            shutdown_rx.clone(),
+        )
+        .in_current_span(),
     );
     let http = tokio::spawn(
         crate::metrics::serve_http(metrics_listener, registry, health.clone(), wait_for(shutdown_rx.clone()))
             .in_current_span(),
+    );
+    let watch_health = tokio::spawn(
+        report_raft_state(Arc::clone(&replica), health.clone(), metrics.clone(), shutdown_rx.clone()).in_current_span(),
     );
 
     let node = NodeInfo { grpc_address: config.listen.grpc.to_string(), started, hsm: hsm_status(&hsm) };
@@ -134,9 +202,7 @@ async fn serve_node(config: Config) -> anyhow::Result<()> {
         .serve_with_incoming_shutdown(incoming, wait_for(shutdown_rx.clone()));
     let grpc = tokio::spawn(grpc.in_current_span());
 
-    health.set_ready(true);
-    metrics.ready.set(1);
-    info!(elapsed_ms = started.elapsed().as_millis() as u64, "node ready");
+    info!(elapsed_ms = started.elapsed().as_millis() as u64, "node serving");
 
     signals.wait().await;
     info!("node stopping");
@@ -147,19 +213,83 @@ async fn serve_node(config: Config) -> anyhow::Result<()> {
     if let Err(error) = grpc.await.context("gRPC task")?.context("gRPC server") {
         error!(%error, "gRPC server stopped with an error");
     }
+    if let Some(raft_server) = raft_server
+        && let Err(error) = raft_server.await.context("Raft listener task")?.context("Raft listener")
+    {
+        error!(%error, "Raft listener stopped with an error");
+    }
     if let Err(error) = http.await.context("metrics task")? {
         error!(%error, "metrics server stopped with an error");
     }
     renewal.abort();
     purge.abort();
+    watch_health.abort();
     if let Err(error) = audit.flush() {
         error!(%error, "flush audit log failed");
     }
-    // Dropping the last reference to the ledger writes queued records and closes RocksDB.
     drop(issuance);
-    drop(ledger);
+    // The last reference to the replica stops the Raft node and syncs the ledger.
+    drop(replica);
     info!("node stopped");
     Ok(())
+}
+
+/// Opens the node's replicated ledger with the gRPC peer transport.
+fn open_replica(config: &Config, peer_tls: &Arc<NodePeerTls>, metrics: &Metrics) -> anyhow::Result<Replica> {
+    let peer_errors = metrics.raft_peer_errors.clone();
+    let on_peer_error: Arc<dyn Fn(u64) + Send + Sync> =
+        Arc::new(move |peer: u64| peer_errors.with_label_values(&[&peer.to_string()]).inc());
+    let tls: Arc<dyn sigil_raft::PeerTls> = Arc::clone(peer_tls) as Arc<dyn sigil_raft::PeerTls>;
+    let runtime = tokio::runtime::Handle::current();
+    let (replica, transport) = Replica::open_with(&ReplicaSettings::from_config(config), false, |snapshots| {
+        GrpcTransport::new(config.node_id, tls, snapshots, runtime, on_peer_error)
+    })?;
+    transport.attach(replica.handle().clone());
+    Ok(replica)
+}
+
+/// Serves `sigil.raft.v1.RaftPeer` on the Raft listener.
+fn serve_raft(
+    listener: Option<TcpListener>,
+    roots_der: &[Vec<u8>],
+    resolver: &Arc<NodeCertResolver>,
+    replica: &Arc<Replica>,
+    peer_tls: &Arc<NodePeerTls>,
+    shutdown: &watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>> {
+    let listener = listener.context("the Raft listener was already started")?;
+    let tls = server_config(roots_der, Arc::clone(resolver))?;
+    let incoming = accept_tls(listener, TlsAcceptor::from(Arc::new(tls)), shutdown.clone());
+    let service = PeerService::new(replica.handle().clone(), Arc::clone(peer_tls) as Arc<dyn sigil_raft::PeerTls>);
+    let server = tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, wait_for(shutdown.clone()));
+    Ok(tokio::spawn(server.in_current_span()))
+}
+
+/// Keeps readiness and the Raft metrics in step with the Raft node, every 200 ms.
+async fn report_raft_state(
+    replica: Arc<Replica>,
+    health: Health,
+    metrics: Metrics,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut was_ready = None;
+    loop {
+        let status = replica.status();
+        let ready = status.is_ready();
+        health.set_ready(ready);
+        metrics.ready.set(i64::from(ready));
+        metrics.observe_raft(&status);
+        if was_ready != Some(ready) {
+            info!(ready, role = status.role.as_str(), leader = ?status.leader, term = status.term, "node readiness changed");
+            was_ready = Some(ready);
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
 }
 
 fn hsm_status(hsm: &Hsm) -> HsmStatus {
@@ -187,19 +317,31 @@ async fn issue_node_key(config: &Config, issuance: &Issuance) -> anyhow::Result<
         )
         .await
         .context("issue the node's TLS certificate")?;
-    let mut chain = vec![CertificateDer::from(leaf.der)];
-    chain.extend(issuance.ca().chain().intermediates_der.iter().cloned().map(CertificateDer::from));
+    let mut chain_der = vec![leaf.der];
+    chain_der.extend(issuance.ca().chain().intermediates_der.iter().cloned());
+    crate::node_tls::save(&config.node_tls_path(), &chain_der, &key.serialize_pem(), &issuance.ca().chain().roots_der)
+        .context("save the node's TLS identity")?;
+    let chain = chain_der.into_iter().map(CertificateDer::from).collect();
     certified_key(chain, key.serialize_der())
 }
 
-/// Re-issues the node's TLS certificate at half its lifetime, retrying every minute on failure.
+/// Re-issues the node's TLS certificate at half its lifetime and saves it for the next start,
+/// retrying every minute on failure (for example while the cluster has no quorum).
 async fn renew_node_certificate(
     config: Config,
     issuance: Arc<Issuance>,
     resolver: Arc<NodeCertResolver>,
+    loaded_validity: Option<(i64, i64)>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut wait = config.issuance.node_cert_ttl / 2;
+    let mut wait = match loaded_validity {
+        Some((not_before, not_after)) => {
+            let half_life = not_before + (not_after - not_before) / 2;
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            Duration::from_secs(u64::try_from(half_life - now).unwrap_or(0))
+        }
+        None => config.issuance.node_cert_ttl / 2,
+    };
     loop {
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
@@ -225,24 +367,32 @@ const PURGE_INTERVAL: Duration = Duration::from_secs(3600);
 /// Drops issuance records of certificates that expired more than `retention` ago, every hour
 /// after the purge that start-up runs. The ledger deletes whole expiry buckets by range, so this
 /// never scans records.
-async fn purge_expired_records(ledger: Arc<Ledger>, retention: Duration, mut shutdown: watch::Receiver<bool>) {
+async fn purge_expired_records(replica: Arc<Replica>, retention: Duration, mut shutdown: watch::Receiver<bool>) {
+    // The first purge waits until the node has had time to learn the leader.
+    let mut wait = Duration::from_secs(5);
     loop {
         tokio::select! {
-            () = tokio::time::sleep(PURGE_INTERVAL) => {}
+            () = tokio::time::sleep(wait) => {}
             _ = shutdown.changed() => return,
         }
-        purge_once(&ledger, retention).await;
+        purge_once(&replica, retention).await;
+        wait = PURGE_INTERVAL;
     }
 }
 
-async fn purge_once(ledger: &Arc<Ledger>, retention: Duration) {
+/// Proposes a purge of expired records when this node is the leader; one node purging is enough,
+/// and a purge proposed twice removes nothing more.
+async fn purge_once(replica: &Replica, retention: Duration) {
+    if replica.status().role != sigil_raft::Role::Leader {
+        debug!("not the leader; the leader purges expired issuance records");
+        return;
+    }
     let cutoff = time::OffsetDateTime::now_utc() - retention;
     let command = crate::ledger::Command::purge_expired(cutoff.unix_timestamp());
-    let task_ledger = Arc::clone(ledger);
-    match tokio::task::spawn_blocking(move || task_ledger.apply(&command)).await {
-        Ok(Ok(outcome)) => info!(result = ?outcome.result, index = outcome.index, "purged expired issuance records"),
-        Ok(Err(error)) => warn!(%error, "purge expired issuance records failed; retrying in an hour"),
-        Err(error) => error!(%error, "purge task failed; retrying in an hour"),
+    let request_id = crate::replica::request_id_for(b"purge", &cutoff.unix_timestamp().to_be_bytes());
+    match replica.write(request_id, &command).await {
+        Ok(result) => info!(?result, "purged expired issuance records"),
+        Err(error) => warn!(%error, "purge expired issuance records failed; retrying in an hour"),
     }
 }
 

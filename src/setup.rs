@@ -1,6 +1,8 @@
 //! Offline set-up commands: token initialization, CA key generation, installing a signed
 //! intermediate, and bootstrapping a client credential. They need the node to be stopped, because
-//! a running node keeps the ledger open.
+//! a running node keeps the ledger open, and they write through a Raft node of their own, so they
+//! work only while the node is the only voter of its cluster (a new cluster, before other nodes
+//! join). The first of them on a new node bootstraps that cluster.
 
 use std::path::Path;
 use std::time::Duration;
@@ -14,7 +16,8 @@ use crate::ca::{
 };
 use crate::cli::InitArgs;
 use crate::config::Config;
-use crate::ledger::{Command, InstallCa, Ledger};
+use crate::ledger::{Command, InstallCa};
+use crate::replica::{Replica, ReplicaSettings};
 use crate::server::{load_ca, open_hsm};
 
 /// Initializes the configured token and sets its user PIN.
@@ -40,10 +43,10 @@ pub fn init_token(config_path: &Path, so_pin_file: &Path) -> anyhow::Result<()> 
 /// # Errors
 ///
 /// Fails when the key exists already, a CA is already installed, or the HSM or ledger fails.
-pub fn init(args: &InitArgs) -> anyhow::Result<()> {
+pub async fn init(args: &InitArgs) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
-    let ledger = Ledger::open(config.ledger_path()).context("open ledger")?;
-    if let Some(active) = ledger.active_ca()? {
+    let replica = open_offline(&config).await?;
+    if let Some(active) = replica.ledger().active_ca()? {
         bail!(
             "a CA is already installed in {} (key {:?}); refusing to generate another",
             config.ledger_path().display(),
@@ -87,7 +90,7 @@ pub fn init(args: &InitArgs) -> anyhow::Result<()> {
     let intermediate_der = sign_intermediate(&intermediate, &root, &root_der, &intermediate_spec)?;
     let chain = CaChain { intermediates_der: vec![intermediate_der], roots_der: vec![root_der] };
     check_chain(&intermediate, &chain).context("check the new development chain")?;
-    install_chain(&ledger, &config.ca.key_label, chain)?;
+    install_chain(&replica, &config.ca.key_label, chain).await?;
     println!(
         "generated {key_type} CA key {:?} and development root {root_label:?}; chain installed",
         config.ca.key_label
@@ -100,29 +103,54 @@ pub fn init(args: &InitArgs) -> anyhow::Result<()> {
 /// # Errors
 ///
 /// Fails when the files cannot be read, the chain does not check out, or the ledger fails.
-pub fn install(config_path: &Path, cert: &Path, root: &Path) -> anyhow::Result<()> {
+pub async fn install(config_path: &Path, cert: &Path, root: &Path) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
     let intermediates_der = read_pem_certificates(cert)?;
     let roots_der = read_pem_certificates(root)?;
-    let ledger = Ledger::open(config.ledger_path()).context("open ledger")?;
+    let replica = open_offline(&config).await?;
     let hsm = open_hsm(&config, None)?;
     let key = hsm.find_key(&config.ca.key_label).with_context(|| format!("find CA key {:?}", config.ca.key_label))?;
     let signer = HsmSigner::new(hsm, key)?;
     let chain = CaChain { intermediates_der, roots_der };
     check_chain(&signer, &chain).context("check the certificate chain")?;
-    install_chain(&ledger, &config.ca.key_label, chain)?;
+    install_chain(&replica, &config.ca.key_label, chain).await?;
     println!("installed the CA chain for key {:?}", config.ca.key_label);
     Ok(())
 }
 
-fn install_chain(ledger: &Ledger, key_label: &str, chain: CaChain) -> anyhow::Result<()> {
+/// Opens the node's replicated ledger for an offline command, bootstrapping a new single-node
+/// cluster when the node has no Raft log yet, and waits until it can write.
+///
+/// # Errors
+///
+/// Fails when the node is not the only voter of its cluster or cannot commit within 10 s.
+pub async fn open_offline(config: &Config) -> anyhow::Result<Replica> {
+    let replica = Replica::open_offline(&ReplicaSettings::from_config(config), true)?;
+    replica.wait_for_leader(Duration::from_secs(10)).await;
+    match tokio::time::timeout(Duration::from_secs(10), replica.sync_read()).await {
+        Ok(Ok(_)) => Ok(replica),
+        Ok(Err(error)) => Err(anyhow::anyhow!(
+            "node {} cannot write its ledger offline ({error}); offline commands work only while the node is the \
+             only voter of its cluster, so run this through the running cluster instead",
+            config.node_id
+        )),
+        Err(_) => bail!(
+            "node {} could not commit within 10 s; offline commands work only while the node is the only voter \
+             of its cluster",
+            config.node_id
+        ),
+    }
+}
+
+async fn install_chain(replica: &Replica, key_label: &str, chain: CaChain) -> anyhow::Result<()> {
     let command = Command::install_ca(InstallCa {
         key_label: key_label.to_owned(),
         intermediates_der: chain.intermediates_der,
         roots_der: chain.roots_der,
         installed_at_unix: OffsetDateTime::now_utc().unix_timestamp(),
     });
-    ledger.apply(&command).context("record the CA chain in the ledger")?;
+    let request_id = sigil_raft::RequestId::random();
+    replica.write(request_id, &command).await.context("record the CA chain in the ledger")?;
     Ok(())
 }
 
@@ -176,14 +204,14 @@ pub async fn issue_client(config_path: &Path, spiffe_id: &str, out: &Path, ttl: 
     if id.trust_domain() != config.trust_domain {
         bail!("SPIFFE ID {id} is not in trust domain {:?}", config.trust_domain);
     }
-    let ledger = std::sync::Arc::new(Ledger::open(config.ledger_path()).context("open ledger")?);
+    let replica = std::sync::Arc::new(open_offline(&config).await?);
     let hsm = open_hsm(&config, None)?;
-    let ca = std::sync::Arc::new(load_ca(&config, &ledger, &hsm)?);
+    let ca = std::sync::Arc::new(load_ca(&config, replica.ledger(), &hsm)?);
     let registry = prometheus::Registry::new();
     let issuance = crate::issuance::Issuance::new(
         std::sync::Arc::clone(&ca),
         crate::policy::Policy::new(&config.policy),
-        std::sync::Arc::clone(&ledger),
+        std::sync::Arc::clone(&replica),
         std::sync::Arc::new(crate::audit::AuditLog::disabled()),
         crate::metrics::Metrics::new(registry)?,
         crate::issuance::IssuanceSettings {
@@ -213,7 +241,7 @@ pub async fn issue_client(config_path: &Path, spiffe_id: &str, out: &Path, ttl: 
     write_private(&out.join("key.pem"), key.serialize_pem().as_bytes())?;
     std::fs::write(out.join("bundle.pem"), certificates_to_pem(&ca.chain().roots_der)).context("write bundle.pem")?;
     drop(issuance);
-    drop(ledger);
+    drop(replica);
     println!("issued client credential for {id} into {}", out.display());
     Ok(())
 }

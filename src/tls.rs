@@ -29,6 +29,10 @@ impl NodeCertResolver {
     pub fn replace(&self, key: CertifiedKey) {
         self.current.store(Arc::new(key));
     }
+
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.current.load_full()
+    }
 }
 
 impl ResolvesServerCert for NodeCertResolver {

@@ -10,9 +10,9 @@ use sigil::audit::AuditLog;
 use sigil::ca::{CaCertificateSpec, CaChain, HsmSigner, IssuingCa, self_signed_root, sign_intermediate};
 use sigil::config::{CallerPolicy, PolicyMode, PolicySection};
 use sigil::issuance::{Issuance, IssuanceSettings, IssueError, RequestContext};
-use sigil::ledger::Ledger;
 use sigil::metrics::Metrics;
 use sigil::policy::Policy;
+use sigil::replica::{Replica, ReplicaSettings};
 use sigil::spiffe_id::SpiffeId;
 use sigil_hsm::{Extractability, Hsm, HsmConfig, HsmMetrics, KeyType, Pin, TokenSelector};
 
@@ -53,7 +53,10 @@ async fn expired_intermediate_is_failed_precondition() {
     let ca = Arc::new(IssuingCa::load(intermediate, chain, "Test", Duration::from_secs(30)).expect("load CA"));
 
     let folder = tempfile::tempdir().expect("temporary folder");
-    let ledger = Arc::new(Ledger::open(folder.path().join("ledger")).expect("open ledger"));
+    let replica = Arc::new(
+        Replica::open_offline(&ReplicaSettings::single_node(folder.path()), true).expect("open the replicated ledger"),
+    );
+    assert!(replica.wait_for_leader(Duration::from_secs(10)).await, "the single node becomes leader");
     let caller = CallerPolicy {
         spiffe_id: "spiffe://example.org/caller".into(),
         allowed_spiffe_ids: vec!["spiffe://example.org/**".into()],
@@ -66,7 +69,7 @@ async fn expired_intermediate_is_failed_precondition() {
     let issuance = Issuance::new(
         ca,
         Policy::new(&PolicySection { mode: PolicyMode::Enforce, callers: vec![caller] }),
-        Arc::clone(&ledger),
+        Arc::clone(&replica),
         Arc::new(AuditLog::disabled()),
         Metrics::new(prometheus::Registry::new()).expect("metrics"),
         IssuanceSettings { node_id: 1, trust_domain: "example.org".into(), default_ttl: Duration::from_secs(600) },
@@ -79,7 +82,7 @@ async fn expired_intermediate_is_failed_precondition() {
     let csr = sigil::client::svid_csr(&key, "spiffe://example.org/workload", &[]).expect("CSR");
 
     issuance.sign_x509_svid(&context, &csr, None).await.expect("issues while the intermediate is valid");
-    let records = ledger.issuance_count();
+    let records = replica.ledger().issuance_count();
 
     tokio::time::sleep(Duration::from_secs(4)).await;
     let error = issuance.sign_x509_svid(&context, &csr, None).await.expect_err("intermediate expired");
@@ -88,5 +91,5 @@ async fn expired_intermediate_is_failed_precondition() {
     assert_eq!(status.code(), tonic::Code::FailedPrecondition);
     assert!(status.message().contains("CN=Short"), "{}", status.message());
     assert!(status.message().contains("expired"), "{}", status.message());
-    assert_eq!(ledger.issuance_count(), records, "a refused request writes no record");
+    assert_eq!(replica.ledger().issuance_count(), records, "a refused request writes no record");
 }

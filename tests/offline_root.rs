@@ -18,7 +18,7 @@ async fn intermediate_signed_by_offline_root_issues_verifiable_svids() {
     let mut table = deployment.config_table();
     table["ca"].as_table_mut().expect("ca table").insert("key_label".into(), "production-intermediate".into());
     deployment.write_config(&table);
-    std::fs::remove_dir_all(deployment.node_dir().join("data/ledger")).expect("remove ledger");
+    std::fs::remove_dir_all(deployment.node_dir().join("data")).expect("remove the ledger and Raft log");
     let config = deployment.config_path().to_str().expect("UTF-8 path").to_owned();
 
     let init = deployment.run_sigil(&["init", "--config", &config, "--csr-out", &path("intermediate.csr")]);

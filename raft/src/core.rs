@@ -142,6 +142,24 @@ impl<S: StateMachine> Core<S> {
         self.raw.tick();
         self.expire(now);
         self.repropose_stale(now);
+        self.campaign_if_sole_voter();
+    }
+
+    /// Starts an election at once when this node is the only voter: it needs nobody's vote, so
+    /// it need not wait for an election timeout.
+    fn campaign_if_sole_voter(&mut self) {
+        let raft = &self.raw.raft;
+        if raft.state == StateRole::Leader || self.removed {
+            return;
+        }
+        let voters = self.raw.store().conf_state().voters;
+        let caught_up = self.raw.raft.raft_log.applied >= self.raw.raft.raft_log.committed;
+        if voters == [self.id]
+            && caught_up
+            && let Err(error) = self.raw.campaign()
+        {
+            tracing::debug!(node_id = self.id, %error, "campaign as the only voter rejected");
+        }
     }
 
     pub(crate) fn step(&mut self, message: Message) {
@@ -365,6 +383,7 @@ impl<S: StateMachine> Core<S> {
 
         self.answer_reads();
         self.maybe_snapshot()?;
+        self.campaign_if_sole_voter();
         Ok(())
     }
 

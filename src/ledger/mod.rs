@@ -253,6 +253,12 @@ impl Ledger {
         self.machine.committed_state().digest
     }
 
+    /// Returns the applied index and the digest after it, read together.
+    pub fn applied_state(&self) -> (u64, [u8; 32]) {
+        let state = self.machine.committed_state();
+        (state.applied_index, state.digest)
+    }
+
     pub fn stats(&self) -> LedgerStats {
         let state = self.machine.committed_state();
         let counters = &self.machine.counters;

@@ -40,6 +40,9 @@ pub enum Command {
     /// Request certificates from a running node.
     #[command(subcommand)]
     Issue(IssueCommand),
+    /// Change the membership of a running cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Show the state of a running node.
     Status {
         #[command(flatten)]
@@ -92,6 +95,17 @@ pub enum CaCommand {
         #[arg(long, value_parser = humantime::parse_duration, default_value = "30days")]
         ttl: Duration,
     },
+    /// Issue the node certificate of a new node from the CA of this stopped node: the new node's
+    /// SPIFFE ID and TLS names come from its configuration, and the files go to its
+    /// DATA_DIR/node-tls. For building a cluster before its nodes first start.
+    IssueNodeCertificate {
+        /// Configuration of this node, which has the CA and is the only voter of its cluster.
+        #[arg(long)]
+        config: PathBuf,
+        /// Configuration of the new node.
+        #[arg(long)]
+        node_config: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -105,6 +119,69 @@ pub enum HsmCommand {
         #[arg(long)]
         so_pin_file: PathBuf,
     },
+    /// Generate one AES-256 key-encryption key in memory and install it, marked trusted, in the
+    /// token of every configuration given, under the label `hsm.kek_label`. The nodes must be
+    /// stopped. Give one --so-pin-file per --config, in the same order.
+    InstallKek {
+        #[arg(long = "config", required = true)]
+        configs: Vec<PathBuf>,
+        #[arg(long = "so-pin-file", required = true)]
+        so_pin_files: Vec<PathBuf>,
+    },
+    /// Copy the CA private key from one node's HSM to another's by wrap and unwrap under the
+    /// key-encryption key both hold. The key never leaves the HSMs in plaintext.
+    CopyCaKey {
+        /// Configuration of a node whose HSM has the CA key, and whose ledger has the CA.
+        #[arg(long)]
+        from: PathBuf,
+        /// Configuration of the node that receives the key.
+        #[arg(long)]
+        to: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Add a node: it becomes a learner, catches up with the log, then becomes a voter. Start the
+    /// new node first, with its node certificate (`cluster node-certificate`) in
+    /// DATA_DIR/node-tls and the CA key in its HSM (`hsm copy-ca-key`).
+    AddNode {
+        #[command(flatten)]
+        target: Target,
+        /// Id of the new node, unique in the cluster and never reused.
+        #[arg(long)]
+        id: u64,
+        /// Address of the new node's Raft listener as the other nodes reach it.
+        #[arg(long)]
+        raft_address: String,
+        /// How long to wait for the new node to catch up.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "2m")]
+        catch_up: Duration,
+    },
+    /// Remove a node from the cluster.
+    RemoveNode {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        id: u64,
+    },
+    /// Generate a key for a new node locally and have the cluster issue its node certificate;
+    /// writes cert.pem, key.pem (mode 0600) and bundle.pem into OUT (the new node's
+    /// DATA_DIR/node-tls).
+    NodeCertificate {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        id: u64,
+        #[arg(long)]
+        out: PathBuf,
+        /// DNS name clients use for the new node; repeat for several.
+        #[arg(long = "dns")]
+        dns: Vec<String>,
+        /// IP address clients use for the new node; repeat for several.
+        #[arg(long = "ip")]
+        ip: Vec<std::net::IpAddr>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -112,9 +189,12 @@ pub struct DevArgs {
     /// Folder for tokens, configs, credentials and state; reused when it exists.
     #[arg(long)]
     pub dir: PathBuf,
-    /// Number of nodes to run.
+    /// Number of nodes to run: 1, or 3 or 5 for a cluster that survives failures.
     #[arg(long, default_value_t = 1)]
     pub nodes: u64,
+    /// Extra nodes to prepare but not start, for trying `sigil cluster add-node`.
+    #[arg(long, default_value_t = 0)]
+    pub standby: u64,
     #[arg(long, default_value = "example.org")]
     pub trust_domain: String,
 }
@@ -185,6 +265,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ca(CaCommand::IssueClient { config, spiffe_id, out, ttl }) => {
             runtime()?.block_on(crate::setup::issue_client(&config, &spiffe_id, &out, ttl))
         }
+        Command::Ca(CaCommand::IssueNodeCertificate { config, node_config }) => {
+            runtime()?.block_on(crate::setup::issue_node_certificate(&config, &node_config))
+        }
         Command::Hsm(HsmCommand::InitToken { config, so_pin_file }) => crate::setup::init_token(&config, &so_pin_file),
         Command::Dev(args) => {
             crate::logging::init(crate::config::LogFormat::Human, "info");
@@ -193,6 +276,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Issue(IssueCommand::Svid { target, spiffe_id, dns, ttl, out }) => {
             runtime()?.block_on(crate::client::issue_svid(&target, &spiffe_id, &dns, ttl, &out))
         }
+        Command::Hsm(HsmCommand::InstallKek { configs, so_pin_files }) => {
+            crate::setup::install_kek(&configs, &so_pin_files)
+        }
+        Command::Hsm(HsmCommand::CopyCaKey { from, to }) => crate::setup::copy_ca_key(&from, &to),
+        Command::Cluster(command) => runtime()?.block_on(crate::client::cluster(command)),
         Command::Status { target, json } => runtime()?.block_on(crate::client::status(&target, json)),
     }
 }

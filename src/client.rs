@@ -17,7 +17,12 @@ use crate::setup::{certificates_to_pem, write_private};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Endpoints {
     pub trust_domain: String,
+    /// The running members of the cluster.
     pub nodes: Vec<NodeEndpoint>,
+    /// Nodes prepared with `sigil dev --standby` (token with the CA key, configuration, node
+    /// certificate) but not started or added.
+    #[serde(default)]
+    pub standby: Vec<NodeEndpoint>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -25,6 +30,12 @@ pub struct NodeEndpoint {
     pub id: u64,
     pub grpc: String,
     pub metrics: String,
+    /// Address of the node's Raft listener.
+    #[serde(default)]
+    pub raft: String,
+    /// The node's configuration file.
+    #[serde(default)]
+    pub config: Option<PathBuf>,
 }
 
 /// Resolved connection settings.
@@ -106,6 +117,15 @@ impl Connection {
     ///
     /// Names the file or address that failed.
     pub async fn connect(&self) -> anyhow::Result<Channel> {
+        self.connect_with_timeout(Duration::from_secs(30)).await
+    }
+
+    /// Opens an mTLS channel to the node whose requests time out after `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// Names the file or address that failed.
+    pub async fn connect_with_timeout(&self, timeout: Duration) -> anyhow::Result<Channel> {
         let read = |path: &Path| std::fs::read(path).with_context(|| format!("read {}", path.display()));
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(read(&self.ca)?))
@@ -116,7 +136,7 @@ impl Connection {
             .tls_config(tls)
             .context("configure TLS")?
             .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30))
+            .timeout(timeout + Duration::from_secs(10))
             .connect()
             .await
             .with_context(|| format!("connect to {uri}"))
@@ -312,4 +332,69 @@ fn status_json(response: &crate::proto::GetStatusResponse) -> serde_json::Value 
         })
         .collect();
     serde_json::json!({ "trust_domain": response.trust_domain, "nodes": nodes })
+}
+
+/// Runs a `sigil cluster` command against the target, or against the leader of a dev folder.
+///
+/// # Errors
+///
+/// Fails with the node's status message when the request is rejected.
+pub async fn cluster(command: crate::cli::ClusterCommand) -> anyhow::Result<()> {
+    use crate::cli::ClusterCommand;
+    use crate::proto::{AddNodeRequest, IssueNodeCertificateRequest, RemoveNodeRequest};
+
+    let rejected = |status: tonic::Status| {
+        anyhow::anyhow!("request rejected by the node: {:?}: {}", status.code(), status.message())
+    };
+    match command {
+        ClusterCommand::AddNode { target, id, raft_address, catch_up } => {
+            let mut client = AdminClient::new(leader_connection(&target).await?.connect_with_timeout(catch_up).await?);
+            let catch_up_seconds = u32::try_from(catch_up.as_secs()).unwrap_or(u32::MAX);
+            let response = client
+                .add_node(AddNodeRequest { node_id: id, raft_address, catch_up_seconds })
+                .await
+                .map_err(rejected)?
+                .into_inner();
+            println!("node {id} added; voters {:?}, learners {:?}", response.voters, response.learners);
+        }
+        ClusterCommand::RemoveNode { target, id } => {
+            let mut client = AdminClient::new(leader_connection(&target).await?.connect().await?);
+            let response = client.remove_node(RemoveNodeRequest { node_id: id }).await.map_err(rejected)?.into_inner();
+            println!("node {id} removed; voters {:?}, learners {:?}", response.voters, response.learners);
+        }
+        ClusterCommand::NodeCertificate { target, id, out, dns, ip } => {
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).context("generate node key")?;
+            let public_key = rcgen::PublicKeyData::subject_public_key_info(&key);
+            let mut client = AdminClient::new(Connection::from_target(&target)?.connect().await?);
+            let response = client
+                .issue_node_certificate(IssueNodeCertificateRequest {
+                    node_id: id,
+                    public_key,
+                    dns_names: dns,
+                    ip_addresses: ip.iter().map(ToString::to_string).collect(),
+                })
+                .await
+                .map_err(rejected)?
+                .into_inner();
+            crate::node_tls::save(&out, &response.chain, &key.serialize_pem(), &response.roots)?;
+            println!("issued the node certificate of node {id} into {}", out.display());
+        }
+    }
+    Ok(())
+}
+
+/// Returns a connection to the target node or, for a dev folder without --node, to the node that
+/// reports itself as leader.
+async fn leader_connection(target: &Target) -> anyhow::Result<Connection> {
+    let (Some(dir), None) = (&target.dev_dir, target.node) else {
+        return Connection::from_target(target);
+    };
+    for (_, connection) in Connection::all_from_dev_dir(dir)? {
+        if let Ok(response) = node_status(&connection).await
+            && response.nodes.iter().any(|node| node.role == "leader")
+        {
+            return Ok(connection);
+        }
+    }
+    bail!("no node of {} reports itself as the Raft leader", dir.display())
 }

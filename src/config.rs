@@ -74,6 +74,12 @@ pub struct HsmSection {
     /// Sessions in the signing pool; 0 means two per CPU core.
     #[serde(default)]
     pub sessions: usize,
+    /// Label of the AES-256 key-encryption key, marked trusted by the security officer, that every
+    /// HSM of the cluster holds. When set, `sigil init` generates a CA key that can be wrapped
+    /// under it (and only under a trusted key), so that `sigil hsm copy-ca-key` can copy it to the
+    /// other nodes' HSMs. Leave it unset for a CA key that can never leave its HSM.
+    #[serde(default)]
+    pub kek_label: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,9 +1,10 @@
 //! `sigil dev`: a local deployment on SoftHSM under one folder, for trying Sigil and for tests.
 //!
-//! Layout of DIR: `softhsm2.conf` and `tokens/` (one SoftHSM token per node), `nodes/<id>/`
-//! (`sigil.toml`, `pin` and `so-pin` files with mode 0600, `data/`, `audit.jsonl`, `node.log`,
-//! `pid` while running), `client/` (the admin credential), `bundle.pem` and, while the nodes
-//! serve, `endpoints.json`.
+//! Layout of DIR: `softhsm2.conf` and `tokens/` (one SoftHSM token per node, all holding the same
+//! key-encryption key and CA key), `nodes/<id>/` (`sigil.toml`, `pin` and `so-pin` files with mode
+//! 0600, `data/` with the ledger, Raft log and `node-tls/`, `audit.jsonl`, `node.log`, `pid` while
+//! running), `client/` (the admin credential), `bundle.pem`, `cluster-complete` (the number of
+//! nodes made) and, while the nodes serve, `endpoints.json`.
 
 use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -15,7 +16,7 @@ use anyhow::{Context as _, bail};
 use tracing::{info, warn};
 
 use crate::cli::DevArgs;
-use crate::client::{Endpoints, NodeEndpoint};
+use crate::client::{Connection, Endpoints, NodeEndpoint};
 use crate::config::{
     AuditSection, CaSection, CallerPolicy, Config, HsmSection, IssuanceSection, ListenConfig, LogSection, PolicyMode,
     PolicySection, RaftSection,
@@ -38,47 +39,33 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// Fails when set-up fails, a node does not become ready, or a node is already running.
 pub async fn run(args: &DevArgs) -> anyhow::Result<()> {
     let mut signals = crate::server::StopSignals::install()?;
-    if args.nodes != 1 {
-        bail!("--nodes {} is not supported yet: this version runs a single node; use --nodes 1", args.nodes);
+    if !(1..=MAX_DEV_NODES).contains(&args.nodes) {
+        bail!(
+            "--nodes {} is out of range: a dev cluster has 1 to {MAX_DEV_NODES} nodes (3 or 5 for a quorum that survives failures)",
+            args.nodes
+        );
     }
     check_trust_domain(&args.trust_domain).context("invalid --trust-domain")?;
     std::fs::create_dir_all(&args.dir).with_context(|| format!("create {}", args.dir.display()))?;
     let dir = std::fs::canonicalize(&args.dir).with_context(|| format!("resolve {}", args.dir.display()))?;
     let layout = Layout { dir: dir.clone() };
 
-    let mut configs = Vec::new();
-    for id in 1..=args.nodes {
-        configs.push(layout.ensure_node(id, &args.trust_domain)?);
-    }
+    let total = args.nodes + args.standby;
+    let configs = layout.ensure_cluster(total, &args.trust_domain)?;
+    let (members, standby) = configs.split_at(usize::try_from(args.nodes).unwrap_or(usize::MAX));
     let _ = std::fs::remove_file(dir.join("endpoints.json"));
 
     let mut nodes = Vec::new();
-    for config in &configs {
-        match layout.start_node(config) {
-            Ok(child) => nodes.push((config.node_id, child)),
-            Err(error) => {
-                stop_nodes(&layout, &mut nodes);
-                return Err(error);
-            }
-        }
-    }
-    for (config, (_, child)) in configs.iter().zip(nodes.iter_mut()) {
-        if let Err(error) = wait_until_ready(config, child, &layout.node_dir(config.node_id).join("node.log")) {
-            stop_nodes(&layout, &mut nodes);
-            return Err(error);
-        }
+    let started = layout.start_cluster(members, &mut nodes).await;
+    if let Err(error) = started {
+        stop_nodes(&layout, &mut nodes);
+        return Err(error);
     }
 
     let endpoints = Endpoints {
         trust_domain: args.trust_domain.clone(),
-        nodes: configs
-            .iter()
-            .map(|c| NodeEndpoint {
-                id: c.node_id,
-                grpc: c.listen.grpc.to_string(),
-                metrics: c.listen.metrics.to_string(),
-            })
-            .collect(),
+        nodes: members.iter().map(endpoint).collect(),
+        standby: standby.iter().map(endpoint).collect(),
     };
     std::fs::write(dir.join("endpoints.json"), serde_json::to_string_pretty(&endpoints)? + "\n")
         .context("write endpoints.json")?;
@@ -89,6 +76,26 @@ pub async fn run(args: &DevArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(dir.join("endpoints.json"));
     info!("dev deployment stopped");
     outcome
+}
+
+/// Most nodes (members and standby) of one dev deployment.
+const MAX_DEV_NODES: u64 = 7;
+
+/// Label of the key-encryption key in every dev token.
+const DEV_KEK_LABEL: &str = "sigil-kek";
+
+fn endpoint(config: &Config) -> NodeEndpoint {
+    NodeEndpoint {
+        id: config.node_id,
+        grpc: config.listen.grpc.to_string(),
+        metrics: config.listen.metrics.to_string(),
+        raft: config.raft_address(),
+        config: config_path_of(config),
+    }
+}
+
+fn config_path_of(config: &Config) -> Option<PathBuf> {
+    config.data_dir.parent().map(|node_dir| node_dir.join("sigil.toml"))
 }
 
 struct Layout {
@@ -104,24 +111,21 @@ impl Layout {
         self.dir.join("softhsm2.conf")
     }
 
-    /// Creates node `id` (token, config, CA, admin credential) unless its config exists.
-    fn ensure_node(&self, id: u64, trust_domain: &str) -> anyhow::Result<Config> {
-        let node_dir = self.node_dir(id);
-        let config_path = node_dir.join("sigil.toml");
-        if config_path.exists() {
-            let config = Config::load(&config_path)?;
-            if config.trust_domain != trust_domain {
-                bail!(
-                    "{} was created for trust domain {:?}, not {trust_domain:?}; use another --dir",
-                    self.dir.display(),
-                    config.trust_domain
-                );
-            }
-            info!(node_id = id, "reusing existing dev node");
-            return Ok(config);
+    /// Creates the deployment's nodes unless they exist: one token per node with the same
+    /// key-encryption key, the CA on node 1 (which bootstraps the cluster) copied into every other
+    /// token by wrap and unwrap, a node certificate for each node, and the admin credential.
+    /// Returns the configurations, node 1 first.
+    fn ensure_cluster(&self, total: u64, trust_domain: &str) -> anyhow::Result<Vec<Config>> {
+        let complete = self.dir.join("cluster-complete");
+        if complete.exists() {
+            return self.load_existing(total, trust_domain);
         }
-
-        info!(node_id = id, dir = %node_dir.display(), "creating dev node");
+        if self.dir.join("nodes").exists() {
+            info!(dir = %self.dir.display(), "removing an unfinished dev deployment");
+            std::fs::remove_dir_all(self.dir.join("nodes")).context("remove unfinished nodes")?;
+            let _ = std::fs::remove_dir_all(self.dir.join("tokens"));
+            let _ = std::fs::remove_dir_all(self.dir.join("client"));
+        }
         std::fs::create_dir_all(self.dir.join("tokens")).context("create token folder")?;
         std::fs::write(
             self.softhsm_conf(),
@@ -131,28 +135,147 @@ impl Layout {
             ),
         )
         .context("write softhsm2.conf")?;
+
+        let mut paths = Vec::new();
+        for id in 1..=total {
+            info!(node_id = id, dir = %self.node_dir(id).display(), "creating dev node");
+            paths.push(self.create_node(id, trust_domain)?);
+        }
+        let arg = |path: &Path| path.to_string_lossy().into_owned();
+        let mut kek_args = vec!["hsm".to_owned(), "install-kek".to_owned()];
+        for (id, path) in (1..=total).zip(&paths) {
+            kek_args.extend(["--config".to_owned(), arg(path)]);
+            kek_args.extend(["--so-pin-file".to_owned(), arg(&self.node_dir(id).join("so-pin"))]);
+        }
+        self.run_step(&kek_args.iter().map(String::as_str).collect::<Vec<_>>())?;
+
+        let first = arg(&paths[0]);
+        self.run_step(&["init", "--config", &first, "--dev-root"])?;
+        let client = arg(&self.dir.join("client"));
+        let admin = format!("spiffe://{trust_domain}/sigil/admin");
+        self.run_step(&["ca", "issue-client", "--config", &first, "--spiffe-id", &admin, "--out", &client])?;
+        std::fs::copy(self.dir.join("client/bundle.pem"), self.dir.join("bundle.pem")).context("write bundle.pem")?;
+        for path in &paths[1..] {
+            self.run_step(&["ca", "issue-node-certificate", "--config", &first, "--node-config", &arg(path)])?;
+            self.run_step(&["hsm", "copy-ca-key", "--from", &first, "--to", &arg(path)])?;
+        }
+        // The marker appears only when every node is complete, so a failed set-up is redone from
+        // the start by the next run.
+        std::fs::write(&complete, format!("{total}\n")).context("finish the dev deployment")?;
+        self.load_existing(total, trust_domain)
+    }
+
+    /// Creates node `id`'s folder, PINs, token and configuration; returns the configuration path.
+    fn create_node(&self, id: u64, trust_domain: &str) -> anyhow::Result<PathBuf> {
+        let node_dir = self.node_dir(id);
         std::fs::create_dir_all(node_dir.join("data")).context("create node folder")?;
         write_private(&node_dir.join("pin"), random_secret().as_bytes())?;
         write_private(&node_dir.join("so-pin"), random_secret().as_bytes())?;
-
-        let text = node_config(id, trust_domain, &node_dir)?;
-        let config_tmp = node_dir.join("sigil.toml.partial");
-        std::fs::write(&config_tmp, &text).context("write node config")?;
-        let config_arg = config_tmp.to_string_lossy().into_owned();
+        let config_path = node_dir.join("sigil.toml");
+        std::fs::write(&config_path, node_config(id, trust_domain, &node_dir)?).context("write node config")?;
+        let config_arg = config_path.to_string_lossy().into_owned();
         let so_pin = node_dir.join("so-pin").to_string_lossy().into_owned();
         self.run_step(&["hsm", "init-token", "--config", &config_arg, "--so-pin-file", &so_pin])?;
-        self.run_step(&["init", "--config", &config_arg, "--dev-root"])?;
-        if id == 1 {
-            let client = self.dir.join("client").to_string_lossy().into_owned();
-            let admin = format!("spiffe://{trust_domain}/sigil/admin");
-            self.run_step(&["ca", "issue-client", "--config", &config_arg, "--spiffe-id", &admin, "--out", &client])?;
-            std::fs::copy(self.dir.join("client/bundle.pem"), self.dir.join("bundle.pem"))
-                .context("write bundle.pem")?;
+        Ok(config_path)
+    }
+
+    /// Loads the configurations of an existing deployment made for `total` nodes.
+    fn load_existing(&self, total: u64, trust_domain: &str) -> anyhow::Result<Vec<Config>> {
+        let made = std::fs::read_to_string(self.dir.join("cluster-complete")).unwrap_or_default();
+        if made.trim() != total.to_string() {
+            bail!(
+                "{} was created with {} nodes (members and standby), not {total}; keep the counts or use another --dir",
+                self.dir.display(),
+                made.trim()
+            );
         }
-        // The config appears under its final name only when the node is complete, so a failed
-        // set-up is redone from the start by the next run.
-        std::fs::rename(&config_tmp, &config_path).context("finish node config")?;
-        Config::load(&config_path).map_err(Into::into)
+        let mut configs = Vec::new();
+        for id in 1..=total {
+            let config = Config::load(&self.node_dir(id).join("sigil.toml"))?;
+            if config.trust_domain != trust_domain {
+                bail!(
+                    "{} was created for trust domain {:?}, not {trust_domain:?}; use another --dir",
+                    self.dir.display(),
+                    config.trust_domain
+                );
+            }
+            configs.push(config);
+        }
+        Ok(configs)
+    }
+
+    /// Starts the member nodes and waits until node 1 is ready (alone in a new cluster, with a
+    /// quorum in an existing one). The first time, the other nodes then join as learners and
+    /// become voters; later runs find them in the Raft log. Waits until all are ready.
+    async fn start_cluster(&self, members: &[Config], nodes: &mut Vec<(u64, Child)>) -> anyhow::Result<()> {
+        for config in members {
+            let child = self.start_node(config)?;
+            nodes.push((config.node_id, child));
+        }
+        let (_, first) = nodes.first_mut().context("a dev deployment has at least one node")?;
+        wait_until_ready(&members[0], first, &self.node_dir(1).join("node.log"))?;
+        for config in &members[1..] {
+            let log = self.raft_members(&members[0]).await?;
+            if !log.contains(&config.node_id) {
+                info!(node_id = config.node_id, "adding node to the cluster");
+                self.add_member(config).await?;
+            }
+        }
+        for (config, (_, child)) in members.iter().zip(nodes.iter_mut()) {
+            wait_until_ready(config, child, &self.node_dir(config.node_id).join("node.log"))?;
+        }
+        Ok(())
+    }
+
+    /// Returns the voters and learners that node 1 reports.
+    async fn raft_members(&self, first: &Config) -> anyhow::Result<Vec<u64>> {
+        let connection = self.admin_connection(first);
+        let mut client = crate::proto::admin_client::AdminClient::new(connection.connect().await?);
+        let response = client
+            .get_status(crate::proto::GetStatusRequest {})
+            .await
+            .map_err(|status| anyhow::anyhow!("status of node 1: {}", status.message()))?
+            .into_inner();
+        Ok(response.nodes.iter().flat_map(|node| node.voters.iter().chain(&node.learners).copied()).collect())
+    }
+
+    /// Adds a started node to the cluster through the leader.
+    async fn add_member(&self, config: &Config) -> anyhow::Result<()> {
+        let endpoints: Vec<NodeEndpoint> = (1..config.node_id)
+            .map(|id| Config::load(&self.node_dir(id).join("sigil.toml")).map(|c| endpoint(&c)))
+            .collect::<Result<_, _>>()?;
+        let mut last_error = None;
+        for candidate in &endpoints {
+            let connection = Connection {
+                address: candidate.grpc.clone(),
+                cert: self.dir.join("client/cert.pem"),
+                key: self.dir.join("client/key.pem"),
+                ca: self.dir.join("bundle.pem"),
+            };
+            let Ok(channel) = connection.connect_with_timeout(Duration::from_secs(120)).await else {
+                continue;
+            };
+            let mut client = crate::proto::admin_client::AdminClient::new(channel);
+            let request = crate::proto::AddNodeRequest {
+                node_id: config.node_id,
+                raft_address: config.raft_address(),
+                catch_up_seconds: 120,
+            };
+            match client.add_node(request).await {
+                Ok(_) => return Ok(()),
+                Err(status) => last_error = Some(format!("node {}: {}", candidate.id, status.message())),
+            }
+        }
+        bail!("no node added node {}: {}", config.node_id, last_error.unwrap_or_else(|| "none reachable".to_owned()))
+    }
+
+    fn admin_connection(&self, config: &Config) -> Connection {
+        Connection {
+            address: config.listen.grpc.to_string(),
+            cert: self.dir.join("client/cert.pem"),
+            key: self.dir.join("client/key.pem"),
+            ca: self.dir.join("bundle.pem"),
+        }
     }
 
     /// Runs `sigil ARGS` with this deployment's SoftHSM configuration.
@@ -228,6 +351,7 @@ fn node_config(id: u64, trust_domain: &str, node_dir: &Path) -> anyhow::Result<S
             pin_file: Some(node_dir.join("pin")),
             pin_env: None,
             sessions: 0,
+            kek_label: Some(DEV_KEK_LABEL.to_owned()),
         },
         ca: CaSection {
             key_label: "sigil-intermediate".to_owned(),
@@ -321,17 +445,23 @@ fn print_summary(dir: &Path, endpoints: &Endpoints) {
     println!("Press Ctrl-C to stop.");
 }
 
-/// Waits for SIGINT/SIGTERM, or fails when a node exits by itself.
-async fn wait_for_stop(signals: &mut crate::server::StopSignals, nodes: &mut [(u64, Child)]) -> anyhow::Result<()> {
+/// Waits for SIGINT/SIGTERM. A node that exits by itself is reported and left down, as a crashed
+/// cluster member would be (the others go on); the wait fails once no node is left.
+async fn wait_for_stop(signals: &mut crate::server::StopSignals, nodes: &mut Vec<(u64, Child)>) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             () = signals.wait() => return Ok(()),
             () = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
-        for (id, child) in nodes.iter_mut() {
-            if let Ok(Some(status)) = child.try_wait() {
-                bail!("node {id} exited unexpectedly ({status})");
+        nodes.retain_mut(|(id, child)| match child.try_wait() {
+            Ok(Some(status)) => {
+                warn!(node_id = *id, %status, "node exited; the other nodes keep running");
+                false
             }
+            _ => true,
+        });
+        if nodes.is_empty() {
+            bail!("every node of the dev deployment has exited");
         }
     }
 }

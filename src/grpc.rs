@@ -9,9 +9,11 @@ use crate::issuance::{Issuance, IssueError, RequestContext};
 use crate::proto::admin_server::Admin;
 use crate::proto::issuer_server::Issuer;
 use crate::proto::{
-    CaStatus, GetStatusRequest, GetStatusResponse, GetTrustBundleRequest, GetTrustBundleResponse, HsmStatus,
-    NodeStatus, SignX509SvidRequest, SignX509SvidResponse,
+    AddNodeRequest, CaStatus, GetStatusRequest, GetStatusResponse, GetTrustBundleRequest, GetTrustBundleResponse,
+    HsmStatus, IssueNodeCertificateRequest, IssueNodeCertificateResponse, MembershipResponse, NodeStatus,
+    RemoveNodeRequest, SignX509SvidRequest, SignX509SvidResponse,
 };
+use crate::replica::MembershipError;
 use crate::tls::caller_spiffe_id;
 
 /// Maps an issuance error to its gRPC status. The match is exhaustive so a new error variant
@@ -129,18 +131,24 @@ pub struct AdminService {
     issuance: Arc<Issuance>,
     node: NodeInfo,
     health: crate::metrics::Health,
+    node_cert_ttl: std::time::Duration,
 }
 
 impl AdminService {
-    pub fn new(issuance: Arc<Issuance>, node: NodeInfo, health: crate::metrics::Health) -> AdminService {
-        AdminService { issuance, node, health }
+    pub fn new(
+        issuance: Arc<Issuance>,
+        node: NodeInfo,
+        health: crate::metrics::Health,
+        node_cert_ttl: std::time::Duration,
+    ) -> AdminService {
+        AdminService { issuance, node, health, node_cert_ttl }
     }
 }
 
-#[tonic::async_trait]
-impl Admin for AdminService {
-    async fn get_status(&self, request: Request<GetStatusRequest>) -> Result<Response<GetStatusResponse>, Status> {
-        let context = request_context(&request);
+impl AdminService {
+    /// Checks that the caller is an administrator and returns its request ID and SPIFFE ID.
+    fn admin<T>(&self, request: &Request<T>) -> Result<(String, crate::spiffe_id::SpiffeId), Status> {
+        let context = request_context(request);
         let caller = context.caller.map_err(|reason| {
             Status::unauthenticated(format!("no client certificate with a SPIFFE ID was presented: {reason}"))
         })?;
@@ -149,6 +157,119 @@ impl Admin for AdminService {
                 "caller {caller} is not an administrator; set admin = true in its policy entry"
             )));
         }
+        Ok((context.request_id, caller))
+    }
+
+    fn membership(&self) -> MembershipResponse {
+        let status = self.issuance.replica().status();
+        MembershipResponse { voters: status.voters, learners: status.learners }
+    }
+}
+
+/// Maps a membership error to its gRPC status.
+fn membership_status(error: &MembershipError) -> Status {
+    let message = error.to_string();
+    match error {
+        MembershipError::NotLeader { .. } => Status::failed_precondition(message),
+        MembershipError::Invalid(_) => Status::invalid_argument(message),
+        MembershipError::CatchUp { .. } => Status::deadline_exceeded(message),
+        MembershipError::Raft(_) => Status::unavailable(message),
+    }
+}
+
+/// Longest wait for a new node to catch up when the request sets none.
+const DEFAULT_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(120);
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn add_node(&self, request: Request<AddNodeRequest>) -> Result<Response<MembershipResponse>, Status> {
+        let (request_id, caller) = self.admin(&request)?;
+        let request = request.into_inner();
+        if request.node_id == 0 {
+            return Err(Status::invalid_argument("node_id 0 is invalid: node IDs start at 1"));
+        }
+        let address = request.raft_address.trim();
+        if address.is_empty() || !address.contains(':') {
+            return Err(Status::invalid_argument(format!(
+                "raft_address {:?} is invalid: expected host:port of the new node's Raft listener",
+                request.raft_address
+            )));
+        }
+        let catch_up = match request.catch_up_seconds {
+            0 => DEFAULT_CATCH_UP,
+            seconds => std::time::Duration::from_secs(u64::from(seconds)),
+        };
+        tracing::info!(request_id, %caller, new_node = request.node_id, address, "add node requested");
+        self.issuance.replica().add_node(request.node_id, address, catch_up).await.map_err(|error| {
+            tracing::warn!(request_id, new_node = request.node_id, %error, "add node failed");
+            membership_status(&error)
+        })?;
+        Ok(Response::new(self.membership()))
+    }
+
+    async fn remove_node(&self, request: Request<RemoveNodeRequest>) -> Result<Response<MembershipResponse>, Status> {
+        let (request_id, caller) = self.admin(&request)?;
+        let node_id = request.into_inner().node_id;
+        tracing::info!(request_id, %caller, node = node_id, "remove node requested");
+        self.issuance.replica().remove_node(node_id).await.map_err(|error| {
+            tracing::warn!(request_id, node = node_id, %error, "remove node failed");
+            membership_status(&error)
+        })?;
+        Ok(Response::new(self.membership()))
+    }
+
+    async fn issue_node_certificate(
+        &self,
+        request: Request<IssueNodeCertificateRequest>,
+    ) -> Result<Response<IssueNodeCertificateResponse>, Status> {
+        let (request_id, caller) = self.admin(&request)?;
+        let request = request.into_inner();
+        if request.node_id == 0 {
+            return Err(Status::invalid_argument("node_id 0 is invalid: node IDs start at 1"));
+        }
+        crate::node_tls::check_p256_spki(&request.public_key)
+            .map_err(|reason| Status::invalid_argument(format!("public_key is invalid: {reason}")))?;
+        let mut ip_addresses = Vec::with_capacity(request.ip_addresses.len());
+        for text in &request.ip_addresses {
+            let address = text
+                .parse::<std::net::IpAddr>()
+                .map_err(|_| Status::invalid_argument(format!("ip_addresses entry {text:?} is not an IP address")))?;
+            ip_addresses.push(address);
+        }
+        for name in &request.dns_names {
+            if name.is_empty()
+                || name.len() > 253
+                || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+            {
+                return Err(Status::invalid_argument(format!("dns_names entry {name:?} is not a DNS name")));
+            }
+        }
+        let settings = self.issuance.settings();
+        let spiffe_id = crate::peer_tls::node_spiffe_id(&settings.trust_domain, request.node_id);
+        tracing::info!(request_id, %caller, node = request.node_id, "node certificate requested");
+        let leaf = self
+            .issuance
+            .issue_internal(
+                crate::issuance::PROFILE_NODE_TLS,
+                &request.public_key,
+                &spiffe_id,
+                &request.dns_names,
+                &ip_addresses,
+                self.node_cert_ttl,
+            )
+            .await
+            .map_err(|error| {
+                tracing::warn!(request_id, node = request.node_id, %error, "node certificate failed");
+                status_from(&error)
+            })?;
+        let chain = self.issuance.ca().chain();
+        let mut certificates = vec![leaf.der];
+        certificates.extend(chain.intermediates_der.iter().cloned());
+        Ok(Response::new(IssueNodeCertificateResponse { chain: certificates, roots: chain.roots_der.clone() }))
+    }
+
+    async fn get_status(&self, request: Request<GetStatusRequest>) -> Result<Response<GetStatusResponse>, Status> {
+        self.admin(&request)?;
 
         let ledger = self.issuance.ledger();
         let summary = self.issuance.ca().summary();

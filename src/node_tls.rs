@@ -69,3 +69,30 @@ fn validity(der: &[u8]) -> anyhow::Result<(i64, i64)> {
     let (_, cert) = X509Certificate::from_der(der).map_err(|e| anyhow::anyhow!("parse node certificate: {e}"))?;
     Ok((cert.validity().not_before.timestamp(), cert.validity().not_after.timestamp()))
 }
+
+/// Checks that `spki_der` is a DER SubjectPublicKeyInfo of an EC P-256 key.
+///
+/// # Errors
+///
+/// Returns the reason it is not.
+pub fn check_p256_spki(spki_der: &[u8]) -> Result<(), String> {
+    use x509_parser::prelude::SubjectPublicKeyInfo;
+    use x509_parser::public_key::PublicKey;
+
+    let (rest, spki) =
+        SubjectPublicKeyInfo::from_der(spki_der).map_err(|e| format!("not a DER SubjectPublicKeyInfo: {e}"))?;
+    if !rest.is_empty() {
+        return Err(format!("{} bytes follow the SubjectPublicKeyInfo", rest.len()));
+    }
+    let curve = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|parameters| parameters.as_oid().ok())
+        .map(|oid| oid.to_id_string());
+    match (spki.parsed(), curve.as_deref()) {
+        (Ok(PublicKey::EC(point)), Some("1.2.840.10045.3.1.7")) if point.data().len() == 65 => Ok(()),
+        (Ok(PublicKey::EC(_)), curve) => Err(format!("EC curve {} is not P-256", curve.unwrap_or("(none)"))),
+        _ => Err(format!("key algorithm {} is not EC P-256", spki.algorithm.algorithm.to_id_string())),
+    }
+}

@@ -68,6 +68,26 @@ pub enum WriteError {
     Unavailable(#[from] RaftError),
 }
 
+/// Why a membership change failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MembershipError {
+    #[error(
+        "node {node} is not the leader; send membership changes to the leader (node {}, Raft address {})",
+        leader.map_or_else(|| "unknown".to_owned(), |id| id.to_string()),
+        leader_address.as_deref().unwrap_or("unknown")
+    )]
+    NotLeader { node: u64, leader: Option<u64>, leader_address: Option<String> },
+    #[error("{0}")]
+    Invalid(String),
+    #[error(
+        "node {id} did not catch up within {waited:?}: it has the log up to index {matched} of {target}; it stays a \
+         learner, so start it if it is not running and repeat the command"
+    )]
+    CatchUp { id: u64, matched: u64, target: u64, waited: Duration },
+    #[error(transparent)]
+    Raft(#[from] RaftError),
+}
+
 /// A transport for a node that is the only voter: there is nobody to send to.
 pub struct NoPeers;
 
@@ -271,6 +291,80 @@ impl Replica {
     /// Fails when the change is not committed.
     pub async fn change_membership(&self, changes: Vec<MembershipChange>) -> Result<(), RaftError> {
         self.handle.change_membership(changes).await
+    }
+
+    /// Adds node `id` as a learner, waits until it has replicated the log up to the commit index
+    /// at the time it was added (at most `catch_up`), then makes it a voter. Must run on the
+    /// leader, which tracks the learner's progress.
+    ///
+    /// # Errors
+    ///
+    /// Fails when this node is not the leader, a change is not committed, or the learner does not
+    /// catch up in time (it then stays a learner, and the call can be repeated).
+    pub async fn add_node(&self, id: u64, address: &str, catch_up: Duration) -> Result<(), MembershipError> {
+        self.require_leader()?;
+        let status = self.status();
+        if status.voters.contains(&id) {
+            return Err(MembershipError::Invalid(format!("node {id} is already a voter")));
+        }
+        if !status.learners.contains(&id) {
+            let learner = MembershipChange::AddLearner { id, address: address.to_owned() };
+            self.change_membership(vec![learner]).await?;
+            tracing::info!(node_id = self.node_id, learner = id, address, "added a learner");
+        }
+
+        let target = self.status().commit_index;
+        let deadline = Instant::now() + catch_up;
+        loop {
+            let status = self.status();
+            let matched = status.progress.get(&id).copied().unwrap_or(0);
+            if matched >= target {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(MembershipError::CatchUp { id, matched, target, waited: catch_up });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let voter = MembershipChange::AddVoter { id, address: address.to_owned() };
+        self.change_membership(vec![voter]).await?;
+        tracing::info!(node_id = self.node_id, voter = id, "promoted a learner to voter");
+        Ok(())
+    }
+
+    /// Removes node `id` from the cluster. Must run on the leader.
+    ///
+    /// # Errors
+    ///
+    /// Fails when this node is not the leader, `id` is not a member, removing it would leave no
+    /// voter, or the change is not committed.
+    pub async fn remove_node(&self, id: u64) -> Result<(), MembershipError> {
+        self.require_leader()?;
+        let status = self.status();
+        if !status.voters.contains(&id) && !status.learners.contains(&id) {
+            return Err(MembershipError::Invalid(format!(
+                "node {id} is not a member; voters {:?}, learners {:?}",
+                status.voters, status.learners
+            )));
+        }
+        if status.voters == [id] {
+            return Err(MembershipError::Invalid(format!("node {id} is the last voter and cannot be removed")));
+        }
+        self.change_membership(vec![MembershipChange::Remove { id }]).await?;
+        tracing::info!(node_id = self.node_id, removed = id, "removed a node from the cluster");
+        Ok(())
+    }
+
+    fn require_leader(&self) -> Result<(), MembershipError> {
+        let status = self.status();
+        if status.role == sigil_raft::Role::Leader {
+            return Ok(());
+        }
+        Err(MembershipError::NotLeader {
+            node: self.node_id,
+            leader: status.leader,
+            leader_address: status.leader.and_then(|leader| status.peers.get(&leader).cloned()),
+        })
     }
 
     /// Stops the Raft node and syncs the ledger.

@@ -86,7 +86,8 @@ async fn serve_node(config: Config) -> anyhow::Result<()> {
     let hsm = open_hsm(&config, Some(&registry))?;
     let identity = crate::node_tls::load(&config.node_tls_path()).context("load the node's TLS identity")?;
     let peer_tls = Arc::new(NodePeerTls::new(&config.trust_domain));
-    let replica = Arc::new(open_replica(&config, &peer_tls, &metrics)?);
+    let (replica, transport) = open_replica(&config, &peer_tls, &metrics)?;
+    let replica = Arc::new(replica);
 
     let raft_listener = TcpListener::bind(config.listen.raft)
         .await
@@ -103,6 +104,7 @@ async fn serve_node(config: Config) -> anyhow::Result<()> {
             &node_resolver,
             &replica,
             &peer_tls,
+            &transport,
             &shutdown_rx,
         )?);
         resolver = Some(node_resolver);
@@ -162,6 +164,7 @@ async fn serve_node(config: Config) -> anyhow::Result<()> {
                 &resolver,
                 &replica,
                 &peer_tls,
+                &transport,
                 &shutdown_rx,
             )?);
             resolver
@@ -198,7 +201,12 @@ async fn serve_node(config: Config) -> anyhow::Result<()> {
     let incoming = accept_tls(grpc_listener, TlsAcceptor::from(Arc::new(tls)), shutdown_rx.clone());
     let grpc = tonic::transport::Server::builder()
         .add_service(IssuerServer::new(IssuerService::new(Arc::clone(&issuance))))
-        .add_service(AdminServer::new(AdminService::new(Arc::clone(&issuance), node, health.clone())))
+        .add_service(AdminServer::new(AdminService::new(
+            Arc::clone(&issuance),
+            node,
+            health.clone(),
+            config.issuance.node_cert_ttl,
+        )))
         .serve_with_incoming_shutdown(incoming, wait_for(shutdown_rx.clone()));
     let grpc = tokio::spawn(grpc.in_current_span());
 
@@ -235,17 +243,21 @@ async fn serve_node(config: Config) -> anyhow::Result<()> {
 }
 
 /// Opens the node's replicated ledger with the gRPC peer transport.
-fn open_replica(config: &Config, peer_tls: &Arc<NodePeerTls>, metrics: &Metrics) -> anyhow::Result<Replica> {
+fn open_replica(
+    config: &Config,
+    peer_tls: &Arc<NodePeerTls>,
+    metrics: &Metrics,
+) -> anyhow::Result<(Replica, Arc<GrpcTransport>)> {
     let peer_errors = metrics.raft_peer_errors.clone();
     let on_peer_error: Arc<dyn Fn(u64) + Send + Sync> =
         Arc::new(move |peer: u64| peer_errors.with_label_values(&[&peer.to_string()]).inc());
     let tls: Arc<dyn sigil_raft::PeerTls> = Arc::clone(peer_tls) as Arc<dyn sigil_raft::PeerTls>;
     let runtime = tokio::runtime::Handle::current();
     let (replica, transport) = Replica::open_with(&ReplicaSettings::from_config(config), false, |snapshots| {
-        GrpcTransport::new(config.node_id, tls, snapshots, runtime, on_peer_error)
+        GrpcTransport::new(config.node_id, config.raft_address(), tls, snapshots, runtime, on_peer_error)
     })?;
     transport.attach(replica.handle().clone());
-    Ok(replica)
+    Ok((replica, transport))
 }
 
 /// Serves `sigil.raft.v1.RaftPeer` on the Raft listener.
@@ -255,12 +267,17 @@ fn serve_raft(
     resolver: &Arc<NodeCertResolver>,
     replica: &Arc<Replica>,
     peer_tls: &Arc<NodePeerTls>,
+    transport: &Arc<GrpcTransport>,
     shutdown: &watch::Receiver<bool>,
 ) -> anyhow::Result<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>> {
     let listener = listener.context("the Raft listener was already started")?;
     let tls = server_config(roots_der, Arc::clone(resolver))?;
     let incoming = accept_tls(listener, TlsAcceptor::from(Arc::new(tls)), shutdown.clone());
-    let service = PeerService::new(replica.handle().clone(), Arc::clone(peer_tls) as Arc<dyn sigil_raft::PeerTls>);
+    let service = PeerService::new(
+        replica.handle().clone(),
+        Arc::clone(peer_tls) as Arc<dyn sigil_raft::PeerTls>,
+        Arc::clone(transport),
+    );
     let server = tonic::transport::Server::builder()
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, wait_for(shutdown.clone()));

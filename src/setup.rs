@@ -55,8 +55,17 @@ pub async fn init(args: &InitArgs) -> anyhow::Result<()> {
     }
     let hsm = open_hsm(&config, None)?;
     let key_type = config.ca_key_type()?;
+    let extractability = match &config.hsm.kek_label {
+        Some(kek_label) => {
+            hsm.find_kek(kek_label).with_context(|| {
+                format!("find key-encryption key {kek_label:?} (install it first with `sigil hsm install-kek`)")
+            })?;
+            Extractability::WrapWithTrustedOnly
+        }
+        None => Extractability::Never,
+    };
     let key = hsm
-        .generate_key_pair(&config.ca.key_label, key_type, Extractability::Never)
+        .generate_key_pair(&config.ca.key_label, key_type, extractability)
         .with_context(|| format!("generate CA key {:?}", config.ca.key_label))?;
     let intermediate = HsmSigner::new(hsm.clone(), key)?;
     let intermediate_spec = CaCertificateSpec {
@@ -94,6 +103,74 @@ pub async fn init(args: &InitArgs) -> anyhow::Result<()> {
     println!(
         "generated {key_type} CA key {:?} and development root {root_label:?}; chain installed",
         config.ca.key_label
+    );
+    Ok(())
+}
+
+/// Generates one key-encryption key in memory and installs it in the token of every
+/// configuration, then drops it; the key exists nowhere else afterwards.
+///
+/// # Errors
+///
+/// Fails when the lists differ in length, a configuration sets no `hsm.kek_label`, a PIN cannot be
+/// read, or an installation fails (the tokens installed before keep the key).
+pub fn install_kek(configs: &[std::path::PathBuf], so_pin_files: &[std::path::PathBuf]) -> anyhow::Result<()> {
+    if configs.len() != so_pin_files.len() {
+        bail!("give one --so-pin-file per --config: {} configs, {} PIN files", configs.len(), so_pin_files.len());
+    }
+    let kek = sigil_hsm::KekMaterial::generate().context("generate the key-encryption key")?;
+    for (config_path, so_pin_file) in configs.iter().zip(so_pin_files) {
+        let config = Config::load(config_path)?;
+        let label = config
+            .hsm
+            .kek_label
+            .as_deref()
+            .with_context(|| format!("{} sets no hsm.kek_label", config_path.display()))?;
+        let so_pin = Pin::from_file(so_pin_file).context("read security officer PIN")?;
+        let user_pin = config.hsm_pin().context("read user PIN")?;
+        let hsm_config = config.hsm_config();
+        sigil_hsm::install_kek(&config.hsm.module, &hsm_config.token, &so_pin, &user_pin, label, &kek)
+            .with_context(|| format!("install key-encryption key {label:?} for node {}", config.node_id))?;
+        println!("installed key-encryption key {label:?} in the token of node {}", config.node_id);
+    }
+    Ok(())
+}
+
+/// Copies the CA key named by `ca.key_label` from the HSM of the node configured in `from` to the
+/// HSM of the node configured in `to`, by wrap and unwrap under `hsm.kek_label`.
+///
+/// # Errors
+///
+/// Fails when the configurations disagree on the labels, either HSM cannot be opened, the key
+/// cannot be wrapped (not wrap-with-trusted, KEK not trusted) or unwrapped (label taken, KEKs
+/// differ).
+pub fn copy_ca_key(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let source = Config::load(from)?;
+    let target = Config::load(to)?;
+    let kek_label =
+        source.hsm.kek_label.clone().with_context(|| format!("{} sets no hsm.kek_label", from.display()))?;
+    if target.hsm.kek_label.as_deref() != Some(kek_label.as_str()) {
+        bail!("{} must set hsm.kek_label = {kek_label:?} like {}", to.display(), from.display());
+    }
+    if source.ca.key_label != target.ca.key_label {
+        bail!(
+            "ca.key_label differs: {:?} in {}, {:?} in {}",
+            source.ca.key_label,
+            from.display(),
+            target.ca.key_label,
+            to.display()
+        );
+    }
+    let source_hsm = open_hsm(&source, None)?;
+    let key = source_hsm
+        .find_key(&source.ca.key_label)
+        .with_context(|| format!("find CA key {:?} of node {}", source.ca.key_label, source.node_id))?;
+    let wrapped = source_hsm.wrap_key(&kek_label, &key).context("wrap the CA key")?;
+    let target_hsm = open_hsm(&target, None)?;
+    target_hsm.unwrap_key(&kek_label, &wrapped).context("unwrap the CA key into the target HSM")?;
+    println!(
+        "copied CA key {:?} from the HSM of node {} to the HSM of node {}",
+        source.ca.key_label, source.node_id, target.node_id
     );
     Ok(())
 }
@@ -204,9 +281,54 @@ pub async fn issue_client(config_path: &Path, spiffe_id: &str, out: &Path, ttl: 
     if id.trust_domain() != config.trust_domain {
         bail!("SPIFFE ID {id} is not in trust domain {:?}", config.trust_domain);
     }
-    let replica = std::sync::Arc::new(open_offline(&config).await?);
-    let hsm = open_hsm(&config, None)?;
-    let ca = std::sync::Arc::new(load_ca(&config, replica.ledger(), &hsm)?);
+    let names = ServerNames::default();
+    issue_credential(&config, crate::issuance::PROFILE_CLIENT_BOOTSTRAP, id.as_str(), &names, out, ttl).await?;
+    println!("issued client credential for {id} into {}", out.display());
+    Ok(())
+}
+
+/// Issues the node certificate of the node configured in `node_config_path` (its SPIFFE ID and
+/// its `listen.tls_dns_names` and `listen.tls_ip_addresses`) from the CA of the stopped node
+/// configured in `config_path`, into the new node's `DATA_DIR/node-tls`.
+///
+/// # Errors
+///
+/// Fails when the nodes are in different trust domains, the CA cannot be loaded, or files cannot
+/// be written.
+pub async fn issue_node_certificate(config_path: &Path, node_config_path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let node = Config::load(node_config_path)?;
+    if node.trust_domain != config.trust_domain {
+        bail!("node {} is in trust domain {:?}, not {:?}", node.node_id, node.trust_domain, config.trust_domain);
+    }
+    let names = ServerNames { dns: node.listen.tls_dns_names.clone(), ips: node.listen.tls_ip_addresses.clone() };
+    let out = node.node_tls_path();
+    let profile = crate::issuance::PROFILE_NODE_TLS;
+    issue_credential(&config, profile, &node.node_spiffe_id(), &names, &out, node.issuance.node_cert_ttl).await?;
+    println!("issued the node certificate of node {} into {}", node.node_id, out.display());
+    Ok(())
+}
+
+/// DNS names and IP addresses for a server certificate.
+#[derive(Debug, Default)]
+struct ServerNames {
+    dns: Vec<String>,
+    ips: Vec<std::net::IpAddr>,
+}
+
+/// Issues a P-256 credential for `spiffe_id` from the CA of the stopped node in `config`, records
+/// it, and writes cert.pem (leaf, then intermediates), key.pem (mode 0600) and bundle.pem to `out`.
+async fn issue_credential(
+    config: &Config,
+    profile: &str,
+    spiffe_id: &str,
+    names: &ServerNames,
+    out: &Path,
+    ttl: Duration,
+) -> anyhow::Result<()> {
+    let replica = std::sync::Arc::new(open_offline(config).await?);
+    let hsm = open_hsm(config, None)?;
+    let ca = std::sync::Arc::new(load_ca(config, replica.ledger(), &hsm)?);
     let registry = prometheus::Registry::new();
     let issuance = crate::issuance::Issuance::new(
         std::sync::Arc::clone(&ca),
@@ -221,27 +343,15 @@ pub async fn issue_client(config_path: &Path, spiffe_id: &str, out: &Path, ttl: 
         },
     );
 
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).context("generate client key")?;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).context("generate key")?;
+    let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
     let leaf = issuance
-        .issue_internal(
-            crate::issuance::PROFILE_CLIENT_BOOTSTRAP,
-            &rcgen::PublicKeyData::subject_public_key_info(&key),
-            id.as_str(),
-            &[],
-            &[],
-            ttl,
-        )
+        .issue_internal(profile, &spki, spiffe_id, &names.dns, &names.ips, ttl)
         .await
-        .context("issue client certificate")?;
+        .with_context(|| format!("issue a certificate for {spiffe_id}"))?;
 
-    std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
     let mut chain = vec![leaf.der];
     chain.extend(ca.chain().intermediates_der.iter().cloned());
-    std::fs::write(out.join("cert.pem"), certificates_to_pem(&chain)).context("write cert.pem")?;
-    write_private(&out.join("key.pem"), key.serialize_pem().as_bytes())?;
-    std::fs::write(out.join("bundle.pem"), certificates_to_pem(&ca.chain().roots_der)).context("write bundle.pem")?;
-    drop(issuance);
-    drop(replica);
-    println!("issued client credential for {id} into {}", out.display());
+    crate::node_tls::save(out, &chain, &key.serialize_pem(), &ca.chain().roots_der)?;
     Ok(())
 }

@@ -734,6 +734,11 @@ impl<S: StateMachine> Core<S> {
         let conf_state = store.conf_state();
         let (first_index, last_index) = store.bounds();
         let role = if conf_state.learners.contains(&self.id) { Role::Learner } else { self.role };
+        let progress = if self.role == Role::Leader {
+            raft.prs().iter().map(|(id, progress)| (*id, progress.matched)).collect()
+        } else {
+            BTreeMap::new()
+        };
         NodeStatus {
             id: self.id,
             role,
@@ -752,6 +757,7 @@ impl<S: StateMachine> Core<S> {
             halted: self.halted.clone(),
             removed: self.removed,
             stats: self.stats.clone(),
+            progress,
         }
     }
 

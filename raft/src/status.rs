@@ -80,6 +80,8 @@ pub struct NodeStatus {
     /// True once a membership change removed this node.
     pub removed: bool,
     pub stats: Stats,
+    /// On the leader: the highest log index known replicated on each member, by node id.
+    pub progress: BTreeMap<u64, u64>,
 }
 
 impl NodeStatus {

@@ -70,6 +70,8 @@ impl<O: Send + 'static> Feedback for NodeHandle<O> {
 /// The client side of the transport.
 pub struct GrpcTransport {
     id: u64,
+    /// This node's Raft listener address, sent with every batch.
+    address: String,
     tls: Arc<dyn PeerTls>,
     runtime: tokio::runtime::Handle,
     snapshots: Arc<SnapshotStore>,
@@ -89,6 +91,7 @@ impl GrpcTransport {
     /// the peer id for every failed connection or stream, for metrics.
     pub fn new(
         id: u64,
+        address: String,
         tls: Arc<dyn PeerTls>,
         snapshots: Arc<SnapshotStore>,
         runtime: tokio::runtime::Handle,
@@ -96,6 +99,7 @@ impl GrpcTransport {
     ) -> Arc<GrpcTransport> {
         Arc::new(GrpcTransport {
             id,
+            address,
             tls,
             runtime,
             snapshots,
@@ -117,10 +121,24 @@ impl GrpcTransport {
         }
     }
 
+    /// Records the address of a peer that called this node, unless the cluster configuration
+    /// already gave one. The caller was authenticated as that node by its certificate.
+    fn learn_peer(&self, peer: u64, address: &str) {
+        if peer == self.id || address.is_empty() {
+            return;
+        }
+        let mut peers = self.peers.lock();
+        if let std::collections::hash_map::Entry::Vacant(entry) = peers.entry(peer) {
+            tracing::info!(node_id = self.id, peer, address, "learned a Raft peer address from its messages");
+            entry.insert(self.start_worker(peer, address.to_owned()));
+        }
+    }
+
     fn start_worker(&self, peer: u64, address: String) -> PeerQueue {
         let (queue, receiver) = mpsc::channel(PEER_QUEUE);
         let worker = PeerWorker {
             id: self.id,
+            sender_address: self.address.clone(),
             peer,
             address: address.clone(),
             tls: Arc::clone(&self.tls),
@@ -191,6 +209,7 @@ impl Drop for GrpcTransport {
 /// Sends everything queued for one peer.
 struct PeerWorker {
     id: u64,
+    sender_address: String,
     peer: u64,
     address: String,
     tls: Arc<dyn PeerTls>,
@@ -295,7 +314,7 @@ impl PeerWorker {
     /// Takes `first` and whatever else is queued, up to a limit, and
     /// splits out snapshot messages.
     fn collect(&self, first: Vec<Message>, queue: &mut mpsc::Receiver<Vec<Message>>) -> (MessageBatch, Vec<Message>) {
-        let mut batch = MessageBatch { messages: Vec::new() };
+        let mut batch = MessageBatch { messages: Vec::new(), sender_address: self.sender_address.clone() };
         let mut snapshots = Vec::new();
         let mut add = |messages: Vec<Message>, batch: &mut MessageBatch| {
             for message in messages {
@@ -406,11 +425,16 @@ impl<O: Send + 'static> Inbound for NodeHandle<O> {
 pub struct PeerService {
     node: Arc<dyn Inbound>,
     tls: Arc<dyn PeerTls>,
+    transport: Arc<GrpcTransport>,
 }
 
 impl PeerService {
-    pub fn new<O: Send + 'static>(node: NodeHandle<O>, tls: Arc<dyn PeerTls>) -> RaftPeerServer<PeerService> {
-        RaftPeerServer::new(PeerService { node: Arc::new(node), tls })
+    pub fn new<O: Send + 'static>(
+        node: NodeHandle<O>,
+        tls: Arc<dyn PeerTls>,
+        transport: Arc<GrpcTransport>,
+    ) -> RaftPeerServer<PeerService> {
+        RaftPeerServer::new(PeerService { node: Arc::new(node), tls, transport })
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20)
     }
@@ -453,6 +477,7 @@ impl RaftPeer for PeerService {
         let mut stream = request.into_inner();
         while let Some(batch) = stream.next().await {
             let batch = batch?;
+            self.transport.learn_peer(caller, &batch.sender_address);
             let mut messages = Vec::with_capacity(batch.messages.len());
             for bytes in &batch.messages {
                 messages.push(self.check(caller, bytes)?);

@@ -180,7 +180,10 @@ impl TestDeployment {
                 id: 1,
                 grpc: listen["grpc"].as_str().expect("grpc address").to_owned(),
                 metrics: listen["metrics"].as_str().expect("metrics address").to_owned(),
+                raft: listen["raft"].as_str().expect("raft address").to_owned(),
+                config: Some(self.config_path()),
             }],
+            standby: Vec::new(),
         }
     }
 

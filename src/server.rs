@@ -39,13 +39,29 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 ///
 /// Fails when the PIN source, the module, the token or the login fails.
 pub fn open_hsm(config: &Config, registry: Option<&prometheus::Registry>) -> anyhow::Result<Hsm> {
-    let pin = config.hsm_pin().context("read HSM PIN")?;
     let metrics = match registry {
         Some(registry) => HsmMetrics::new(registry).context("register HSM metrics")?,
         None => HsmMetrics::unregistered(),
     };
-    Hsm::open(&config.hsm_config(), pin, metrics).context("open HSM")
+    let mut attempt = 1;
+    loop {
+        let pin = config.hsm_pin().context("read HSM PIN")?;
+        match Hsm::open(&config.hsm_config(), pin, metrics.clone()) {
+            Ok(hsm) => return Ok(hsm),
+            // SoftHSM reports CKR_GENERAL_ERROR when another process writes the token folder
+            // while this one reads it, as when several nodes on one machine start together.
+            Err(error) if attempt < HSM_OPEN_ATTEMPTS && error.ckr_code() == Some("CKR_GENERAL_ERROR") => {
+                warn!(attempt, %error, "open HSM failed; retrying");
+                std::thread::sleep(Duration::from_millis(200 * u64::from(attempt)));
+                attempt += 1;
+            }
+            Err(error) => return Err(error).context("open HSM"),
+        }
+    }
 }
+
+/// Attempts to open the HSM when it reports a general error.
+const HSM_OPEN_ATTEMPTS: u32 = 5;
 
 /// Loads the active CA from the ledger and proves that the HSM contains its key.
 ///

@@ -234,13 +234,10 @@ async fn serve_node(config: Config) -> anyhow::Result<()> {
     metrics.ready.set(0);
     let _ = shutdown_tx.send(true);
 
-    if let Err(error) = grpc.await.context("gRPC task")?.context("gRPC server") {
-        error!(%error, "gRPC server stopped with an error");
-    }
-    if let Some(raft_server) = raft_server
-        && let Err(error) = raft_server.await.context("Raft listener task")?.context("Raft listener")
-    {
-        error!(%error, "Raft listener stopped with an error");
+    // Peers and clients keep long-lived streams open, so graceful shutdown is bounded.
+    finish_server("gRPC server", grpc).await;
+    if let Some(raft_server) = raft_server {
+        finish_server("Raft listener", raft_server).await;
     }
     if let Err(error) = http.await.context("metrics task")? {
         error!(%error, "metrics server stopped with an error");
@@ -256,6 +253,23 @@ async fn serve_node(config: Config) -> anyhow::Result<()> {
     drop(replica);
     info!("node stopped");
     Ok(())
+}
+
+/// Longest wait for a server's connections to close at shutdown.
+const SERVER_DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Waits for a server task to finish after shutdown was signalled, at most
+/// [`SERVER_DRAIN_TIMEOUT`], then aborts it.
+async fn finish_server(name: &str, mut task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>) {
+    match tokio::time::timeout(SERVER_DRAIN_TIMEOUT, &mut task).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(error))) => error!(server = name, %error, "server stopped with an error"),
+        Ok(Err(error)) => error!(server = name, %error, "server task failed"),
+        Err(_) => {
+            warn!(server = name, "connections still open after {SERVER_DRAIN_TIMEOUT:?}; closing them");
+            task.abort();
+        }
+    }
 }
 
 /// Opens the node's replicated ledger with the gRPC peer transport.

@@ -141,6 +141,10 @@ pub struct RaftSection {
     /// Applied entries between two snapshots.
     #[serde(default = "default_snapshot_interval")]
     pub snapshot_interval: u64,
+    /// Bytes of applied entries after which a snapshot is taken even before `snapshot_interval`
+    /// entries; about half of it stays in the log after compaction.
+    #[serde(default = "default_snapshot_log_bytes")]
+    pub snapshot_log_bytes: u64,
     /// Entries kept in the log before the latest snapshot for followers that are a little behind.
     #[serde(default = "default_log_entries_kept")]
     pub log_entries_kept: u64,
@@ -156,6 +160,7 @@ impl Default for RaftSection {
             batch_delay: Duration::ZERO,
             max_batch_records: default_max_batch_records(),
             snapshot_interval: default_snapshot_interval(),
+            snapshot_log_bytes: default_snapshot_log_bytes(),
             log_entries_kept: default_log_entries_kept(),
         }
     }
@@ -183,6 +188,10 @@ fn default_max_batch_records() -> usize {
 
 fn default_snapshot_interval() -> u64 {
     20_000
+}
+
+fn default_snapshot_log_bytes() -> u64 {
+    64 << 20
 }
 
 fn default_log_entries_kept() -> u64 {
@@ -389,6 +398,13 @@ impl Config {
         if raft.snapshot_interval == 0 {
             return Err(invalid("raft.snapshot_interval", raft.snapshot_interval, "must be at least 1"));
         }
+        if raft.snapshot_log_bytes < 1 << 20 {
+            return Err(invalid(
+                "raft.snapshot_log_bytes",
+                raft.snapshot_log_bytes,
+                "must be at least 1 MiB (1048576)",
+            ));
+        }
         Ok(())
     }
 
@@ -552,6 +568,7 @@ impl Config {
         node.batch_delay = self.raft.batch_delay;
         node.max_batch_proposals = self.raft.max_batch_records;
         node.snapshot_interval = self.raft.snapshot_interval;
+        node.snapshot_log_bytes = self.raft.snapshot_log_bytes;
         node.log_entries_kept = self.raft.log_entries_kept;
         node
     }

@@ -35,6 +35,7 @@ pub struct Metrics {
     pub raft_snapshots: IntCounterVec,
     pub raft_peer_errors: IntCounterVec,
     pub commit_seconds: prometheus::Histogram,
+    pub ledger_records: IntGauge,
     /// Counters of the Raft node as last copied into the metrics above.
     last_stats: Arc<Mutex<sigil_raft::Stats>>,
 }
@@ -130,7 +131,9 @@ impl Metrics {
         registry.register(Box::new(raft_proposals_retried.clone()))?;
         registry.register(Box::new(raft_snapshots.clone()))?;
         registry.register(Box::new(raft_peer_errors.clone()))?;
+        let ledger_records = IntGauge::new("sigil_ledger_records", "Issuance records stored in this node's ledger")?;
         registry.register(Box::new(commit_seconds.clone()))?;
+        registry.register(Box::new(ledger_records.clone()))?;
         Ok(Metrics {
             registry,
             issued,
@@ -148,6 +151,7 @@ impl Metrics {
             raft_snapshots,
             raft_peer_errors,
             commit_seconds,
+            ledger_records,
             last_stats: Arc::default(),
         })
     }

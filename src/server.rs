@@ -328,6 +328,7 @@ async fn report_raft_state(
         health.set_ready(ready);
         metrics.ready.set(i64::from(ready));
         metrics.observe_raft(&status);
+        metrics.ledger_records.set(i64::try_from(replica.ledger().issuance_count()).unwrap_or(i64::MAX));
         if was_ready != Some(ready) {
             info!(ready, role = status.role.as_str(), leader = ?status.leader, term = status.term, "node readiness changed");
             was_ready = Some(ready);

@@ -29,6 +29,10 @@ pub struct NodeConfig {
     pub retry_interval: Duration,
     /// Applied entries between two snapshots.
     pub snapshot_interval: u64,
+    /// Bytes of applied entries after which a snapshot is taken even before
+    /// `snapshot_interval` entries, so that large entries do not make the
+    /// log, and a new node's catch-up, grow without bound.
+    pub snapshot_log_bytes: u64,
     /// Entries kept in the log before the latest snapshot, so that a
     /// follower a little behind catches up without a snapshot.
     pub log_entries_kept: u64,
@@ -48,6 +52,7 @@ impl NodeConfig {
             proposal_timeout: Duration::from_secs(5),
             retry_interval: Duration::from_millis(1500),
             snapshot_interval: 20_000,
+            snapshot_log_bytes: 64 << 20,
             log_entries_kept: 5_000,
         }
     }

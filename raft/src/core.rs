@@ -73,6 +73,11 @@ pub(crate) struct Core<S: StateMachine> {
     leader: Option<u64>,
     last_leader: Option<u64>,
     last_snapshot_index: u64,
+    /// Sizes of the entries applied since the last compaction, oldest first, so that compaction
+    /// can keep a bounded number of bytes as well as of entries.
+    applied_sizes: VecDeque<(u64, u64)>,
+    /// Bytes of entries applied since the last snapshot.
+    bytes_since_snapshot: u64,
     halted: Option<String>,
     removed: bool,
     stats: Stats,
@@ -124,6 +129,8 @@ impl<S: StateMachine> Core<S> {
             leader: None,
             last_leader: None,
             last_snapshot_index: latest.map_or(0, |metadata| metadata.index).max(applied),
+            applied_sizes: VecDeque::new(),
+            bytes_since_snapshot: 0,
             halted: None,
             removed: false,
             stats: Stats::default(),
@@ -408,6 +415,9 @@ impl<S: StateMachine> Core<S> {
             if entry.index <= self.machine.applied_index() {
                 continue;
             }
+            let size = entry.data.len() as u64;
+            self.applied_sizes.push_back((entry.index, size));
+            self.bytes_since_snapshot += size;
             match entry.get_entry_type() {
                 EntryType::EntryNormal => self.apply_normal(&entry)?,
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => self.apply_membership(&entry)?,
@@ -504,7 +514,8 @@ impl<S: StateMachine> Core<S> {
     fn maybe_snapshot(&mut self) -> Result<(), RaftError> {
         let applied = self.machine.applied_index();
         let wanted = self.raw.store().take_snapshot_wanted();
-        let due = applied >= self.last_snapshot_index + self.config.snapshot_interval;
+        let due = applied >= self.last_snapshot_index + self.config.snapshot_interval
+            || self.bytes_since_snapshot >= self.config.snapshot_log_bytes;
         if applied == 0 || !(wanted || due) {
             return Ok(());
         }
@@ -529,12 +540,14 @@ impl<S: StateMachine> Core<S> {
         let store = self.raw.store();
         store.set_latest_snapshot(metadata);
         self.last_snapshot_index = applied;
+        self.bytes_since_snapshot = 0;
         self.stats.snapshots_taken += 1;
 
-        let compact_to = applied.saturating_sub(self.config.log_entries_kept);
+        let compact_to = self.compaction_point(applied);
         if compact_to > 1 {
             store.compact(compact_to)?;
         }
+        self.applied_sizes.retain(|(index, _)| *index >= compact_to);
         tracing::info!(
             node_id = self.id,
             index = applied,
@@ -544,6 +557,24 @@ impl<S: StateMachine> Core<S> {
             "took a snapshot"
         );
         Ok(())
+    }
+
+    /// Returns the first index to keep after a snapshot at `applied`: at most
+    /// `log_entries_kept` entries and about half of `snapshot_log_bytes`, so that a follower a
+    /// little behind catches up from the log and one far behind gets the snapshot.
+    fn compaction_point(&self, applied: u64) -> u64 {
+        let by_count = applied.saturating_sub(self.config.log_entries_kept);
+        let byte_budget = self.config.snapshot_log_bytes / 2;
+        let mut kept_bytes = 0u64;
+        let mut by_bytes = 0u64;
+        for (index, size) in self.applied_sizes.iter().rev() {
+            kept_bytes += size;
+            if kept_bytes > byte_budget {
+                by_bytes = *index + 1;
+                break;
+            }
+        }
+        by_count.max(by_bytes).min(applied)
     }
 
     fn read_index_known(&mut self, context: &[u8], index: u64) {

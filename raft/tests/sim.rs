@@ -412,3 +412,37 @@ fn failed_disk_halts_node() {
         }
     }
 }
+
+#[test]
+fn large_entries_trigger_snapshots_by_bytes() {
+    let (_dir, mut cluster) = cluster(&[1, 2, 3], 29);
+    for id in [1, 2, 3] {
+        let config = cluster.config_mut(id).expect("node config");
+        config.snapshot_log_bytes = 64 << 10;
+        config.log_entries_kept = 1000;
+        cluster.crash(id);
+        cluster.restart(id).expect("restart with the new settings");
+    }
+    let leader = elect(&mut cluster);
+    let lagging = [1, 2, 3].into_iter().find(|id| *id != leader).expect("follower");
+    cluster.crash(lagging);
+
+    for number in 0..40u64 {
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&number.to_be_bytes());
+        let waiting = vec![(number, cluster.propose(leader, Proposal::new(RequestId(id), vec![7u8; 8 << 10])))];
+        let results = settle_within(&mut cluster, waiting, Duration::from_secs(5));
+        assert!(results[0].1.is_ok(), "proposal {number}: {:?}", results[0].1);
+    }
+    let status = cluster.status(leader).expect("status");
+    assert!(status.stats.snapshots_taken >= 2, "320 KiB of entries take snapshots every 64 KiB: {:?}", status.stats);
+    assert!(
+        status.first_index > 20,
+        "compaction keeps about 32 KiB of entries; the log starts at {}",
+        status.first_index
+    );
+
+    cluster.restart(lagging).expect("restart");
+    converge(&mut cluster, &[1, 2, 3]);
+    assert_eq!(cluster.status(lagging).expect("status").stats.snapshots_received, 1);
+}

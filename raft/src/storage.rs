@@ -457,12 +457,19 @@ impl Storage for LogStore {
         Ok(self.cached.read().last_index)
     }
 
-    /// Returns the latest snapshot if it is recent enough; otherwise asks
-    /// the node to take one and reports it as temporarily unavailable.
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    /// Returns the latest snapshot if it is recent enough and its
+    /// configuration names the receiving node (raft-rs ignores a snapshot
+    /// that does not, as for a node added after it was taken); otherwise
+    /// requests a new one from the node and reports it as temporarily
+    /// unavailable.
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         let cached = self.cached.read();
         match &cached.snapshot {
-            Some(metadata) if metadata.index >= request_index && metadata.index >= cached.truncated_index => {
+            Some(metadata)
+                if metadata.index >= request_index
+                    && metadata.index >= cached.truncated_index
+                    && names_member(metadata.get_conf_state(), to) =>
+            {
                 let mut snapshot = Snapshot::default();
                 snapshot.set_metadata(metadata.clone());
                 snapshot.data = crate::snapshot::descriptor(metadata.index, metadata.term).into();
@@ -474,6 +481,13 @@ impl Storage for LogStore {
             }
         }
     }
+}
+
+/// True when `id` is a voter or learner of `conf_state`, in either half of a joint configuration.
+fn names_member(conf_state: &ConfState, id: u64) -> bool {
+    [&conf_state.voters, &conf_state.learners, &conf_state.voters_outgoing, &conf_state.learners_next]
+        .into_iter()
+        .any(|members| members.contains(&id))
 }
 
 fn load(db: &DB) -> Result<Cached, RaftError> {
@@ -631,10 +645,14 @@ mod tests {
         let store = LogStore::open(dir.path()).expect("open");
         assert!(matches!(store.snapshot(0, 2), Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))));
         assert!(store.take_snapshot_wanted());
-        store.set_latest_snapshot(SnapshotMetadata { index: 9, term: 2, ..Default::default() });
+        let mut metadata = SnapshotMetadata { index: 9, term: 2, ..Default::default() };
+        metadata.mut_conf_state().voters = vec![1, 2];
+        store.set_latest_snapshot(metadata);
         let snapshot = store.snapshot(5, 2).expect("snapshot");
         assert_eq!(crate::snapshot::parse_descriptor(&snapshot.data).expect("descriptor"), (9, 2));
         assert!(store.snapshot(10, 2).is_err());
+        assert!(store.snapshot(5, 4).is_err(), "node 4 joined after the snapshot; it needs a newer one");
+        assert!(store.take_snapshot_wanted());
     }
 
     #[test]

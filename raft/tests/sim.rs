@@ -446,3 +446,26 @@ fn large_entries_trigger_snapshots_by_bytes() {
     converge(&mut cluster, &[1, 2, 3]);
     assert_eq!(cluster.status(lagging).expect("status").stats.snapshots_received, 1);
 }
+
+#[test]
+fn learner_joins_from_snapshot_after_compaction() {
+    let (_dir, mut cluster) = cluster(&[1, 2, 3], 31);
+    let leader = elect(&mut cluster);
+    for round in 0..30 {
+        let results = propose_and_settle(&mut cluster, &[leader], round * 2..round * 2 + 2, Duration::from_secs(5));
+        assert!(results.iter().all(|(_, result)| result.is_ok()));
+    }
+    for id in [1, 2, 3] {
+        cluster.take_snapshot(id).expect("snapshot");
+    }
+    assert!(cluster.status(leader).expect("status").first_index > 2, "the leader's log is compacted");
+
+    cluster.add_empty_node(4).expect("start node 4");
+    let added =
+        cluster.change_membership(leader, vec![MembershipChange::AddLearner { id: 4, address: "sim-4".into() }]);
+    settle_change(&mut cluster, added);
+    converge(&mut cluster, &[1, 2, 3, 4]);
+    let status = cluster.status(4).expect("status");
+    assert_eq!(status.stats.snapshots_received, 1, "node 4 starts from a snapshot taken after it was added");
+    assert_eq!(cluster.machine(4).expect("running").values.len(), 60);
+}

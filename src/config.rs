@@ -335,8 +335,13 @@ pub enum ConfigError {
 }
 
 /// Formats a duration as whole seconds, e.g. "7776000s", which reads unambiguously in errors.
+/// Formats a duration from the file in whole seconds, or milliseconds below one second.
 fn seconds(duration: Duration) -> String {
-    format!("{}s", duration.as_secs())
+    if duration < Duration::from_secs(1) {
+        format!("{}ms", duration.as_millis())
+    } else {
+        format!("{}s", duration.as_secs())
+    }
 }
 
 fn invalid(key: impl Into<String>, value: impl std::fmt::Debug, reason: impl Into<String>) -> ConfigError {
@@ -391,6 +396,13 @@ impl Config {
         }
         if raft.commit_timeout < raft.tick * 2 {
             return Err(invalid("raft.commit_timeout", seconds(raft.commit_timeout), "must be at least two ticks"));
+        }
+        if raft.batch_delay * 2 > raft.commit_timeout {
+            return Err(invalid(
+                "raft.batch_delay",
+                format!("{}ms", raft.batch_delay.as_millis()),
+                format!("must be at most half of raft.commit_timeout ({}ms)", raft.commit_timeout.as_millis()),
+            ));
         }
         if raft.max_batch_records == 0 {
             return Err(invalid("raft.max_batch_records", raft.max_batch_records, "must be at least 1"));

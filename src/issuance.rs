@@ -171,6 +171,10 @@ impl Issuance {
         let checked = check_csr(csr, &self.settings.trust_domain)?;
         event.spiffe_id = Some(checked.spiffe_id.to_string());
         event.dns_names = checked.dns_names.clone();
+        if crate::policy::is_reserved(&checked.spiffe_id) {
+            self.metrics.policy_decisions.with_label_values(&["deny"]).inc();
+            return Err(PolicyDenial::Reserved { requested: checked.spiffe_id.to_string() }.into());
+        }
 
         let ttl = self.resolve_ttl(&caller, ttl_seconds)?;
         event.ttl_seconds = Some(ttl.as_secs());

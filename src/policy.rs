@@ -157,6 +157,20 @@ pub enum PolicyDenial {
     DnsName { caller: String, requested: String, allowed: Vec<String> },
     #[error("requested TTL {requested_seconds}s is above the maximum of {max_seconds}s for caller {caller}")]
     Ttl { caller: String, requested_seconds: u64, max_seconds: u64 },
+    #[error(
+        "SPIFFE ID {requested} is reserved: paths under /sigil/ name Sigil's own nodes and administrators, which \
+         only the cluster's administration commands issue"
+    )]
+    Reserved { requested: String },
+}
+
+/// True when `spiffe_id` is under the `/sigil` path that Sigil's node and administrator identities
+/// use. Such identities authenticate Raft peers and administrators, so the issuance API never
+/// issues them, whatever the policy or its mode says.
+pub fn is_reserved(spiffe_id: &SpiffeId) -> bool {
+    let text = spiffe_id.as_str();
+    let path = text.strip_prefix("spiffe://").and_then(|rest| rest.find('/').map(|slash| &rest[slash..])).unwrap_or("");
+    path == "/sigil" || path.starts_with("/sigil/")
 }
 
 /// Rejection of a caller that is over its rate limit.

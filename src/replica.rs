@@ -350,9 +350,34 @@ impl Replica {
         if status.voters == [id] {
             return Err(MembershipError::Invalid(format!("node {id} is the last voter and cannot be removed")));
         }
+        if id == self.node_id {
+            self.hand_over_leadership(&status).await?;
+        }
         self.change_membership(vec![MembershipChange::Remove { id }]).await?;
         tracing::info!(node_id = self.node_id, removed = id, "removed a node from the cluster");
         Ok(())
+    }
+
+    /// Hands leadership to the voter that has replicated the most of the log, and waits until it
+    /// leads, so that the removal of this node is committed by a leader that stays.
+    async fn hand_over_leadership(&self, status: &NodeStatus) -> Result<(), MembershipError> {
+        let successor = status
+            .voters
+            .iter()
+            .filter(|voter| **voter != self.node_id)
+            .max_by_key(|voter| status.progress.get(voter).copied().unwrap_or(0))
+            .copied()
+            .ok_or_else(|| MembershipError::Invalid("no other voter can take over as leader".to_owned()))?;
+        tracing::info!(node_id = self.node_id, successor, "handing leadership over before removing this node");
+        self.handle.transfer_leader(successor);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.status().leader.is_some_and(|leader| leader != self.node_id) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(MembershipError::Invalid(format!("node {successor} did not take over leadership within 10 s; try again")))
     }
 
     fn require_leader(&self) -> Result<(), MembershipError> {

@@ -378,3 +378,29 @@ async fn monitor_mode_issues_and_audits_would_be_denial() {
     assert_eq!(event["serial"], response.serial, "{event}");
     assert!(event["reason"].as_str().is_some_and(|r| r.contains("spiffe://example.org/elsewhere")), "{event}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reserved_sigil_ids_rejected_in_monitor_mode() {
+    let mut deployment = TestDeployment::create();
+    let mut table = deployment.config_table();
+    table["policy"].as_table_mut().expect("policy table").insert("mode".into(), "monitor".into());
+    deployment.write_config(&table);
+    deployment.start();
+    let before = deployment.node_status().await.issued_total;
+
+    // The admin caller's policy allows spiffe://example.org/**, and monitor mode issues what policy
+    // denies, yet node and administrator identities are never issued through this API.
+    let mut issuer = deployment.issuer().await;
+    for reserved in
+        ["spiffe://example.org/sigil/node/9", "spiffe://example.org/sigil/admin", "spiffe://example.org/sigil"]
+    {
+        let (_, csr) = p256_csr(reserved, &[]);
+        let status = issuer.sign_x509_svid(SignX509SvidRequest { csr, ttl_seconds: None }).await.expect_err(reserved);
+        assert_eq!(status.code(), Code::PermissionDenied, "{reserved}");
+        assert!(status.message().contains("is reserved"), "{reserved}: {}", status.message());
+        assert!(status.message().contains(reserved), "{reserved}: {}", status.message());
+    }
+    let (_, csr) = p256_csr("spiffe://example.org/sigilish/app", &[]);
+    issuer.sign_x509_svid(SignX509SvidRequest { csr, ttl_seconds: None }).await.expect("a path that only starts alike");
+    assert_eq!(deployment.node_status().await.issued_total, before + 1, "no reserved identity was recorded");
+}

@@ -160,8 +160,17 @@ impl AdminService {
         Ok((context.request_id, caller))
     }
 
-    fn membership(&self) -> MembershipResponse {
-        let status = self.issuance.replica().status();
+    /// Returns the membership once this node's published status shows node `id` as a voter
+    /// (`voter` true) or as gone, waiting at most one second for the node's next status update.
+    async fn membership(&self, id: u64, voter: bool) -> MembershipResponse {
+        let mut status = self.issuance.replica().status();
+        for _ in 0..50 {
+            if status.voters.contains(&id) == voter {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            status = self.issuance.replica().status();
+        }
         MembershipResponse { voters: status.voters, learners: status.learners }
     }
 }
@@ -204,7 +213,7 @@ impl Admin for AdminService {
             tracing::warn!(request_id, new_node = request.node_id, %error, "add node failed");
             membership_status(&error)
         })?;
-        Ok(Response::new(self.membership()))
+        Ok(Response::new(self.membership(request.node_id, true).await))
     }
 
     async fn remove_node(&self, request: Request<RemoveNodeRequest>) -> Result<Response<MembershipResponse>, Status> {
@@ -215,7 +224,7 @@ impl Admin for AdminService {
             tracing::warn!(request_id, node = node_id, %error, "remove node failed");
             membership_status(&error)
         })?;
-        Ok(Response::new(self.membership()))
+        Ok(Response::new(self.membership(node_id, false).await))
     }
 
     async fn issue_node_certificate(

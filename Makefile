@@ -2,10 +2,10 @@
 #
 # The Cargo build directory lives outside the clone (CARGO_TARGET_DIR) so that fresh clones on the
 # same machine, such as CI runs, reuse compiled dependencies: a cold release build of RocksDB,
-# tonic and the rest takes 10 to 15 minutes on 2 cores.
+# tonic and the rest takes 40 minutes or more on 2 cores.
 
 SHELL := /bin/bash
-export CARGO_TARGET_DIR ?= $(HOME)/.cache/sigil/target
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/sigil/target-ws
 export PATH := $(HOME)/.cache/sigil/venv/bin:$(HOME)/.cargo/bin:$(PATH)
 SIGIL := $(CARGO_TARGET_DIR)/release/sigil
 

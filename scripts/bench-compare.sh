@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 duration=${1:-10}
 concurrency=${2:-64}
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/sigil/target}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/sigil/target-ws}
 
 cfssl_out=$(scripts/bench-cfssl.sh "$duration" 16)
 echo "$cfssl_out"

@@ -179,7 +179,7 @@ impl AdminService {
 fn membership_status(error: &MembershipError) -> Status {
     let message = error.to_string();
     match error {
-        MembershipError::NotLeader { .. } => Status::failed_precondition(message),
+        MembershipError::NotLeader { .. } | MembershipError::HandedOver { .. } => Status::failed_precondition(message),
         MembershipError::Invalid(_) => Status::invalid_argument(message),
         MembershipError::CatchUp { .. } => Status::deadline_exceeded(message),
         MembershipError::Raft(_) => Status::unavailable(message),

@@ -80,6 +80,12 @@ pub enum MembershipError {
     #[error("{0}")]
     Invalid(String),
     #[error(
+        "node {node} handed leadership to node {successor}; send the removal of node {node} to node {successor} \
+         (Raft address {})",
+        successor_address.as_deref().unwrap_or("unknown")
+    )]
+    HandedOver { node: u64, successor: u64, successor_address: Option<String> },
+    #[error(
         "node {id} did not catch up within {waited:?}: it has the log up to index {matched} of {target}; it stays a \
          learner, so start it if it is not running and repeat the command"
     )]
@@ -332,12 +338,14 @@ impl Replica {
         Ok(())
     }
 
-    /// Removes node `id` from the cluster. Must run on the leader.
+    /// Removes node `id` from the cluster. Must run on the leader. To remove the leader itself,
+    /// it hands leadership to the most up-to-date voter and fails with
+    /// [`MembershipError::HandedOver`], naming the node to send the removal to.
     ///
     /// # Errors
     ///
     /// Fails when this node is not the leader, `id` is not a member, removing it would leave no
-    /// voter, or the change is not committed.
+    /// voter, `id` is this node (after the hand-over), or the change is not committed.
     pub async fn remove_node(&self, id: u64) -> Result<(), MembershipError> {
         self.require_leader()?;
         let status = self.status();
@@ -351,7 +359,14 @@ impl Replica {
             return Err(MembershipError::Invalid(format!("node {id} is the last voter and cannot be removed")));
         }
         if id == self.node_id {
-            self.hand_over_leadership(&status).await?;
+            // Once the removal commits, the new leader stops sending this node the log, so this
+            // node could never see its own removal applied; the new leader commits it instead.
+            let successor = self.hand_over_leadership(&status).await?;
+            return Err(MembershipError::HandedOver {
+                node: id,
+                successor,
+                successor_address: self.status().peers.get(&successor).cloned(),
+            });
         }
         self.change_membership(vec![MembershipChange::Remove { id }]).await?;
         tracing::info!(node_id = self.node_id, removed = id, "removed a node from the cluster");
@@ -360,7 +375,7 @@ impl Replica {
 
     /// Hands leadership to the voter that has replicated the most of the log, and waits until it
     /// leads, so that the removal of this node is committed by a leader that stays.
-    async fn hand_over_leadership(&self, status: &NodeStatus) -> Result<(), MembershipError> {
+    async fn hand_over_leadership(&self, status: &NodeStatus) -> Result<u64, MembershipError> {
         let successor = status
             .voters
             .iter()
@@ -372,8 +387,8 @@ impl Replica {
         self.handle.transfer_leader(successor);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if self.status().leader.is_some_and(|leader| leader != self.node_id) {
-                return Ok(());
+            if let Some(leader) = self.status().leader.filter(|leader| *leader != self.node_id) {
+                return Ok(leader);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -1,0 +1,343 @@
+//! Cluster failures with real processes: a killed leader, a full restart, membership changes
+//! under load, and a follower that catches up from a snapshot. Each test runs its own
+//! `sigil dev` cluster on loopback in a temporary folder.
+
+#[path = "common/cluster.rs"]
+mod cluster_harness;
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use cluster_harness::{CLUSTER_TESTS, DevCluster, Load, metric_value, summarize, tail_text};
+use sigil::ledger::Ledger;
+use sigil::proto::admin_client::AdminClient;
+use sigil::proto::issuer_client::IssuerClient;
+use sigil::proto::{AddNodeRequest, RemoveNodeRequest, SignX509SvidRequest};
+
+/// Maximum pause in issuance that a leader failure or a membership change may cause.
+const MAX_PAUSE: Duration = Duration::from_secs(3);
+/// Time a cluster may take to agree again after a disturbance. It is generous because the machine
+/// is shared with other work.
+const CONVERGE_TIMEOUT: Duration = Duration::from_secs(60);
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Grace period for SIGTERM before the harness kills the nodes. A stopping node waits up to 3 s
+/// for its peers to close their Raft streams, so a clean stop takes a little longer than that.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// Load clients in the tests that measure pauses.
+const CLIENTS: usize = 8;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_kill_under_load() {
+    let _serial = CLUSTER_TESTS.lock().await;
+    let mut cluster = DevCluster::start(3, 0).await;
+    let ids = [1, 2, 3];
+    let leader = cluster.leader(&ids, READY_TIMEOUT).await;
+    let load = Load::start(cluster.channels(&ids).await, CLIENTS);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let killed_at = Instant::now();
+    cluster.kill_node(leader).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let survivors: Vec<u64> = ids.into_iter().filter(|id| *id != leader).collect();
+    let new_leader = cluster.leader(&survivors, READY_TIMEOUT).await;
+
+    cluster.serve_node(leader);
+    cluster.wait_ready(leader, READY_TIMEOUT).await;
+    let rejoined_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let report = load.stop().await;
+    let converged = cluster.wait_converged(&ids, CONVERGE_TIMEOUT).await;
+
+    cluster.stop(STOP_GRACE).await;
+    let missing = missing_records(&cluster, &ids, &report.serials());
+
+    let context = report.describe(killed_at);
+    let before_kill = report.issued.iter().filter(|issued| issued.received < killed_at).count();
+    assert!(before_kill > 0, "no issuance before the kill: {context}");
+    assert_ne!(new_leader, leader, "a survivor leads after the kill");
+    let resumed = report.first_issued_elsewhere(killed_at, leader).map(|issued| issued.received - killed_at);
+    assert!(resumed.is_some(), "no survivor issued after the kill: {context}");
+    assert!(
+        resumed.is_some_and(|after| after <= MAX_PAUSE),
+        "issuance resumed {resumed:?} after the kill of leader {leader}, more than {MAX_PAUSE:?}: {context}"
+    );
+    let gap = report.max_gap(killed_at, report.stopped);
+    eprintln!("leader {leader} killed: resumed after {resumed:?}, longest pause {gap:?}; {context}");
+    assert!(gap <= MAX_PAUSE, "longest pause after the kill was {gap:?}: {context}");
+    let after_rejoin = report.issued.iter().filter(|issued| issued.node == leader && issued.sent > rejoined_at).count();
+    assert!(after_rejoin > 0, "the restarted node {leader} issued nothing after it rejoined: {context}");
+    assert_eq!(report.duplicate_serials(), Vec::<String>::new(), "serials received twice");
+    let issued_total = converged.values().map(|status| status.issued_total).min().unwrap_or(0);
+    assert!(issued_total >= report.issued.len() as u64, "ledger counts {issued_total}: {context}");
+    assert_eq!(missing, BTreeMap::new(), "received serials missing from a node's ledger");
+    assert_eq!(cluster.panics(&ids), BTreeMap::new(), "node logs with a panic");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn full_restart_keeps_ledger() {
+    let _serial = CLUSTER_TESTS.lock().await;
+    let mut cluster = DevCluster::start(3, 0).await;
+    let ids = [1, 2, 3];
+    let load = Load::start(cluster.channels(&ids).await, 4);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let report = load.stop().await;
+    let before = cluster.wait_converged(&ids, CONVERGE_TIMEOUT).await;
+
+    // sigil dev stops its nodes with SIGTERM and kills those still running after 15 s.
+    let stop_started = Instant::now();
+    let dev_exited = cluster.stop(Duration::from_secs(30)).await;
+    let stop_time = stop_started.elapsed();
+    let unclean: Vec<u64> = ids.into_iter().filter(|id| !cluster.node_log(*id).contains("node stopped")).collect();
+    let logs: BTreeMap<u64, String> = unclean.iter().map(|id| (*id, tail_text(&cluster.node_log(*id), 5))).collect();
+
+    cluster.start_dev().await;
+    let after = cluster.wait_converged(&ids, CONVERGE_TIMEOUT).await;
+    cluster.stop(STOP_GRACE).await;
+    let missing = missing_records(&cluster, &ids, &report.serials());
+
+    assert!(!report.issued.is_empty(), "no issuance before the restart");
+    let issued_before: BTreeSet<u64> = before.values().map(|status| status.issued_total).collect();
+    let issued_after: BTreeSet<u64> = after.values().map(|status| status.issued_total).collect();
+    assert_eq!(issued_after, issued_before, "issued_total across the restart");
+    let applied_before = before.values().map(|status| status.applied_index).max().unwrap_or(0);
+    let applied_after = after.values().map(|status| status.applied_index).max().unwrap_or(0);
+    assert!(applied_after >= applied_before, "applied index went back from {applied_before} to {applied_after}");
+    assert_eq!(missing, BTreeMap::new(), "serials issued before the restart missing from a node's ledger");
+    assert_eq!(cluster.panics(&ids), BTreeMap::new(), "node logs with a panic");
+    assert!(dev_exited, "sigil dev did not exit within 30 s of SIGTERM");
+    assert_eq!(
+        unclean,
+        Vec::<u64>::new(),
+        "nodes that did not stop cleanly on SIGTERM (sigil dev took {stop_time:?}); their last log lines: {logs:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn node_joins_and_leaves_under_load() {
+    let _serial = CLUSTER_TESTS.lock().await;
+    let mut cluster = DevCluster::start(3, 1).await;
+    let members = [1, 2, 3];
+    let leader = cluster.leader(&members, READY_TIMEOUT).await;
+    let load = Load::start(cluster.channels(&members).await, CLIENTS);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let changes_started = Instant::now();
+    cluster.serve_node(4);
+    let joining = cluster.endpoint(4);
+    let mut admin = AdminClient::new(cluster.channel(leader).await);
+    let request = AddNodeRequest { node_id: 4, raft_address: joining.raft.clone(), catch_up_seconds: 60 };
+    let added = admin.add_node(request).await.expect("add node 4 through the leader").into_inner();
+    let joined = cluster.wait_status(4, READY_TIMEOUT, |status| status.ready && status.voters.contains(&4)).await;
+    let mut with_new = members.to_vec();
+    with_new.push(4);
+    load.set_targets(cluster.channels(&with_new).await);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // Clients stop using the node before it leaves, as an operator would drain it.
+    let leaving = members.into_iter().find(|id| *id != leader).expect("a follower");
+    let remaining: Vec<u64> = with_new.iter().copied().filter(|id| *id != leaving).collect();
+    load.set_targets(cluster.channels(&remaining).await);
+    let removed = admin.remove_node(RemoveNodeRequest { node_id: leaving }).await.expect("remove node").into_inner();
+    // The removed node keeps running, so a removed node that campaigns would show up as a pause.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let report = load.stop().await;
+    let converged = cluster.wait_converged(&remaining, CONVERGE_TIMEOUT).await;
+    cluster.stop(STOP_GRACE).await;
+
+    let context = report.describe(changes_started);
+    assert_eq!(cluster.panics(&[1, 2, 3, 4]), BTreeMap::new(), "node logs with a panic");
+    assert_eq!(joined.role, "follower", "node 4's role once it is a voter");
+    let gap = report.max_gap(changes_started, report.stopped);
+    eprintln!("node 4 added, node {leaving} removed: longest pause {gap:?}; {context}");
+    assert!(gap <= MAX_PAUSE, "longest pause during the membership changes was {gap:?}: {context}");
+    let through_new = report.issued_per_node().get(&4).copied().unwrap_or(0);
+    assert!(through_new > 0, "node 4 issued nothing: {context}");
+    assert_eq!(report.duplicate_serials(), Vec::<String>::new(), "serials received twice");
+    let expected: BTreeSet<u64> = remaining.iter().copied().collect();
+    for status in converged.values() {
+        let voters: BTreeSet<u64> = status.voters.iter().copied().collect();
+        assert_eq!(voters, expected, "voters seen by node {}", status.id);
+        assert!(status.learners.is_empty(), "node {} sees learners {:?}", status.id, status.learners);
+    }
+    // The replies should describe the membership after the change they made.
+    assert!(added.voters.contains(&4), "AddNode reply lists node 4 as a voter: {added:?}");
+    assert!(!removed.voters.contains(&leaving), "RemoveNode reply no longer lists node {leaving}: {removed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_removal_under_load() {
+    let _serial = CLUSTER_TESTS.lock().await;
+    let mut cluster = DevCluster::start(3, 0).await;
+    let ids = [1, 2, 3];
+    let leader = cluster.leader(&ids, READY_TIMEOUT).await;
+    let remaining: Vec<u64> = ids.into_iter().filter(|id| *id != leader).collect();
+    // Clients use only the nodes that stay, as an operator would drain the leaving one.
+    let load = Load::start(cluster.channels(&remaining).await, CLIENTS);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let removed_at = Instant::now();
+    let removal = remove_leader(&mut cluster, leader, &remaining).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let report = load.stop().await;
+    let statuses = cluster.statuses(&ids).await;
+    let removed_ready = cluster.is_ready(leader);
+    cluster.stop(STOP_GRACE).await;
+
+    let context = format!("{}; statuses after the removal: {:#?}", report.describe(removed_at), summarize(&statuses));
+    assert!(removal.is_ok(), "RemoveNode of the leader {leader}: {removal:?}; {context}");
+    assert_eq!(cluster.panics(&ids), BTreeMap::new(), "node logs with a panic");
+    let gap = report.max_gap(removed_at, report.stopped);
+    eprintln!("leader {leader} removed under load: longest pause {gap:?}; {context}");
+    assert!(gap <= MAX_PAUSE, "longest pause after removing leader {leader} was {gap:?}: {context}");
+    let new_leader = statuses.values().find(|status| status.role == "leader" && remaining.contains(&status.id));
+    assert!(new_leader.is_some(), "none of {remaining:?} leads after the removal: {context}");
+    let expected: BTreeSet<u64> = remaining.iter().copied().collect();
+    for id in &remaining {
+        let voters: Option<BTreeSet<u64>> = statuses.get(id).map(|status| status.voters.iter().copied().collect());
+        assert_eq!(voters.as_ref(), Some(&expected), "voters seen by node {id}: {context}");
+    }
+    assert!(!removed_ready, "the removed node {leader} still returns 200 on /readyz: {context}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_removal_when_idle() {
+    let _serial = CLUSTER_TESTS.lock().await;
+    let mut cluster = DevCluster::start(3, 0).await;
+    let ids = [1, 2, 3];
+    let leader = cluster.leader(&ids, READY_TIMEOUT).await;
+    let remaining: Vec<u64> = ids.into_iter().filter(|id| *id != leader).collect();
+
+    let removal_started = Instant::now();
+    let removal = remove_leader(&mut cluster, leader, &remaining).await;
+    let removed_at = Instant::now();
+    let load = Load::start(cluster.channels(&remaining).await, 2);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let report = load.stop().await;
+    let statuses = cluster.statuses(&ids).await;
+    cluster.stop(STOP_GRACE).await;
+
+    let context = format!(
+        "RemoveNode took {:?}; {}; statuses after the removal: {:#?}",
+        removed_at - removal_started,
+        report.describe(removed_at),
+        summarize(&statuses)
+    );
+    assert!(removal.is_ok(), "RemoveNode of the leader {leader}: {removal:?}; {context}");
+    assert_eq!(cluster.panics(&ids), BTreeMap::new(), "node logs with a panic");
+    let gap = report.max_gap(removed_at, report.stopped);
+    eprintln!("leader {leader} removed while idle: longest pause {gap:?}; {context}");
+    assert!(gap <= MAX_PAUSE, "longest pause after removing leader {leader} was {gap:?}: {context}");
+    let new_leader = statuses.values().find(|status| status.role == "leader" && remaining.contains(&status.id));
+    assert!(new_leader.is_some(), "none of {remaining:?} leads after the removal: {context}");
+    let expected: BTreeSet<u64> = remaining.iter().copied().collect();
+    for id in &remaining {
+        let voters: Option<BTreeSet<u64>> = statuses.get(id).map(|status| status.voters.iter().copied().collect());
+        assert_eq!(voters.as_ref(), Some(&expected), "voters seen by node {id}: {context}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lagging_follower_installs_snapshot() {
+    const REQUESTS: usize = 400;
+    let _serial = CLUSTER_TESTS.lock().await;
+    let mut cluster = DevCluster::start(3, 0).await;
+    let ids = [1, 2, 3];
+    cluster.stop(STOP_GRACE).await;
+    for id in ids {
+        cluster.set_raft_options(id, &[("snapshot_interval", 50.into()), ("log_entries_kept", 10.into())]);
+    }
+    cluster.start_dev().await;
+
+    let leader = cluster.leader(&ids, READY_TIMEOUT).await;
+    let lagging = ids.into_iter().find(|id| *id != leader).expect("a follower");
+    let live: Vec<u64> = ids.into_iter().filter(|id| *id != lagging).collect();
+    let lagging_applied = cluster.status(lagging).await.expect("status of the follower").applied_index;
+    cluster.kill_node(lagging).await;
+
+    // One request at a time, so that each certificate is at least one Raft entry.
+    let mut issuer = IssuerClient::new(cluster.channel(leader).await);
+    let (_, csr) = common::p256_csr("spiffe://example.org/snapshot", &[]);
+    let mut serials = Vec::new();
+    for number in 0..REQUESTS {
+        let request = SignX509SvidRequest { csr: csr.clone(), ttl_seconds: None };
+        let response = issuer.sign_x509_svid(request).await.unwrap_or_else(|error| panic!("request {number}: {error}"));
+        serials.push(response.into_inner().serial);
+    }
+    let compacted = cluster.wait_converged(&live, CONVERGE_TIMEOUT).await;
+
+    cluster.serve_node(lagging);
+    cluster.wait_ready(lagging, READY_TIMEOUT).await;
+    let converged = cluster.wait_converged(&ids, CONVERGE_TIMEOUT).await;
+    let received = wait_for_metric(&cluster, lagging, "sigil_raft_snapshots_total{event=\"received\"}").await;
+    cluster.stop(STOP_GRACE).await;
+    let missing = missing_records(&cluster, &[lagging], &serials);
+
+    let leader_status = &compacted[&leader];
+    assert!(
+        leader_status.log_first_index > lagging_applied + 1,
+        "the leader's log starts at {} and still holds entry {} that node {lagging} needs next",
+        leader_status.log_first_index,
+        lagging_applied + 1
+    );
+    assert!(received >= 1.0, "node {lagging} reports {received} snapshots received");
+    let lagging_status = &converged[&lagging];
+    assert!(
+        lagging_status.snapshot_index > lagging_applied,
+        "node {lagging} has snapshot index {}, not past its index {lagging_applied} at the kill",
+        lagging_status.snapshot_index
+    );
+    assert_eq!(missing, BTreeMap::new(), "serials missing from the ledger of node {lagging}");
+    assert_eq!(cluster.panics(&ids), BTreeMap::new(), "node logs with a panic");
+}
+
+/// Polls node `id`'s metrics until `sample` is at least 1, at most 10 s, and returns its last value.
+async fn wait_for_metric(cluster: &DevCluster, id: u64, sample: &str) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let value = metric_value(&cluster.metrics(id), sample).unwrap_or(0.0);
+        if value >= 1.0 || Instant::now() >= deadline {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Opens each node's ledger (the cluster must be stopped, because RocksDB locks it) and returns,
+/// per node, the received serials that it has no record of.
+fn missing_records(cluster: &DevCluster, ids: &[u64], serials: &[String]) -> BTreeMap<u64, Vec<String>> {
+    let mut missing = BTreeMap::new();
+    for id in ids {
+        let path = cluster.node_dir(*id).join("data/ledger");
+        let ledger = Ledger::open(&path).unwrap_or_else(|error| panic!("open {}: {error}", path.display()));
+        let absent: Vec<String> = serials
+            .iter()
+            .filter(|serial| {
+                let bytes = hex::decode(serial).expect("serial is hex");
+                ledger.issuance(&bytes).expect("read ledger").is_none()
+            })
+            .cloned()
+            .collect();
+        if !absent.is_empty() {
+            missing.insert(*id, absent);
+        }
+    }
+    missing
+}
+
+/// Removes the leader as an operator would: the leader hands leadership over and answers
+/// FAILED_PRECONDITION naming its successor, and the removal then goes to the new leader.
+async fn remove_leader(
+    cluster: &mut DevCluster,
+    leader: u64,
+    remaining: &[u64],
+) -> Result<tonic::Response<sigil::proto::MembershipResponse>, tonic::Status> {
+    let mut admin = AdminClient::new(cluster.channel(leader).await);
+    let handed_over =
+        admin.remove_node(RemoveNodeRequest { node_id: leader }).await.expect_err("the leader hands over");
+    assert_eq!(handed_over.code(), tonic::Code::FailedPrecondition, "{handed_over:?}");
+    assert!(handed_over.message().contains("handed leadership"), "{}", handed_over.message());
+    let successor = cluster.leader(remaining, READY_TIMEOUT).await;
+    let mut admin = AdminClient::new(cluster.channel(successor).await);
+    admin.remove_node(RemoveNodeRequest { node_id: leader }).await
+}

@@ -341,3 +341,63 @@ async fn remove_leader(
     let mut admin = AdminClient::new(cluster.channel(successor).await);
     admin.remove_node(RemoveNodeRequest { node_id: leader }).await
 }
+
+/// Sends `signal` to node `id`'s process.
+fn signal_node(cluster: &DevCluster, id: u64, signal: nix::sys::signal::Signal) {
+    let pid = cluster.node_pid(id).unwrap_or_else(|| panic!("node {id} has no pid"));
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid fits i32"));
+    nix::sys::signal::kill(pid, signal).unwrap_or_else(|error| panic!("signal {signal} to node {id}: {error}"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cut_off_node_rejects_then_catches_up() {
+    use nix::sys::signal::Signal;
+
+    let _serial = CLUSTER_TESTS.lock().await;
+    let mut cluster = DevCluster::start(3, 0).await;
+    let ids = [1, 2, 3];
+    let leader = cluster.leader(&ids, READY_TIMEOUT).await;
+    let lone = ids.into_iter().find(|id| *id != leader).expect("a follower");
+    let others: Vec<u64> = ids.into_iter().filter(|id| *id != lone).collect();
+
+    // Freezing the other two processes cuts the lone node off from every peer while it keeps
+    // running and answering, as a network partition around it would.
+    for id in &others {
+        signal_node(&cluster, *id, Signal::SIGSTOP);
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut issuer = IssuerClient::new(cluster.channel(lone).await);
+    let (_, csr) = common::p256_csr("spiffe://example.org/partitioned", &[]);
+    let refused = issuer.sign_x509_svid(SignX509SvidRequest { csr: csr.clone(), ttl_seconds: None }).await;
+    for id in &others {
+        signal_node(&cluster, *id, Signal::SIGCONT);
+    }
+    let status = refused.expect_err("a node without a quorum must not issue");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains(&format!("node {leader}")), "names the last leader: {}", status.message());
+
+    // The majority keeps issuing while the lone node is frozen in turn.
+    signal_node(&cluster, lone, Signal::SIGSTOP);
+    let mut majority = IssuerClient::new(cluster.channel(others[0]).await);
+    let mut issued = Vec::new();
+    for _ in 0..20 {
+        let response = majority.sign_x509_svid(SignX509SvidRequest { csr: csr.clone(), ttl_seconds: None }).await;
+        issued.push(response.expect("the majority issues without the lone node").into_inner().serial);
+    }
+    signal_node(&cluster, lone, Signal::SIGCONT);
+
+    let statuses = cluster.wait_converged(&ids, CONVERGE_TIMEOUT).await;
+    let issued_totals: BTreeSet<u64> = statuses.values().map(|status| status.issued_total).collect();
+    assert_eq!(issued_totals.len(), 1, "after healing every node has the same records: {:#?}", summarize(&statuses));
+    assert!(cluster.stop(STOP_GRACE).await, "the cluster stops cleanly");
+    assert_eq!(cluster.panics(&ids), BTreeMap::new(), "node logs with a panic");
+    let ledger = Ledger::open(cluster.node_dir(lone).join("data/ledger")).expect("open the lone node's ledger");
+    for serial in &issued {
+        let serial = hex::decode(serial).expect("hex serial");
+        assert!(
+            ledger.issuance(&serial).expect("read").is_some(),
+            "the lone node caught up with {}",
+            hex::encode(&serial)
+        );
+    }
+}

@@ -288,7 +288,7 @@ impl Admin for AdminService {
         let node = NodeStatus {
             id: self.issuance.settings().node_id,
             role: raft.role.as_str().to_owned(),
-            ready: self.health.is_ready(),
+            ready: self.health.is_ready() && raft.is_ready(),
             grpc_address: self.node.grpc_address.clone(),
             applied_index,
             ledger_digest: hex::encode(digest),

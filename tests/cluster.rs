@@ -7,6 +7,7 @@ mod cluster_harness;
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cluster_harness::{CLUSTER_TESTS, DevCluster, Load, metric_value, summarize, tail_text};
@@ -400,4 +401,90 @@ async fn cut_off_node_rejects_then_catches_up() {
             hex::encode(&serial)
         );
     }
+}
+
+/// A tmpfs mounted over a node's Raft log folder, so that its writes fail with ENOSPC once it is
+/// full. Unmounted on drop, after the node is stopped.
+struct SmallDisk {
+    mount: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    /// Moves `raft_dir` onto a tmpfs of `size` bytes (holding a copy of its files) and keeps the
+    /// original files beside it as `raft.disk`.
+    fn mount(raft_dir: &std::path::Path, size: u64) -> SmallDisk {
+        let disk = raft_dir.with_extension("disk");
+        std::fs::rename(raft_dir, &disk).expect("move the Raft log aside");
+        std::fs::create_dir(raft_dir).expect("create the mount point");
+        run(&["mount", "-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", &raft_dir.to_string_lossy()]);
+        run(&["cp", "-a", &format!("{}/.", disk.display()), &raft_dir.to_string_lossy()]);
+        SmallDisk { mount: raft_dir.to_owned() }
+    }
+
+    /// Copies the files back to the real disk and unmounts, as replacing a full disk with a
+    /// working one that has the same contents.
+    fn restore(self) {
+        let disk = self.mount.with_extension("disk");
+        run(&["cp", "-a", &format!("{}/.", self.mount.display()), &disk.to_string_lossy()]);
+        drop(self);
+        std::fs::remove_dir(&disk.with_extension("")).expect("remove the mount point");
+        std::fs::rename(&disk, disk.with_extension("")).expect("put the Raft log back");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mount).status();
+    }
+}
+
+fn run(command: &[&str]) {
+    let status = Command::new(command[0]).args(&command[1..]).status().unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    assert!(status.success(), "{command:?} failed with {status}");
+}
+
+fn folder_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .expect("list folder")
+        .flatten()
+        .filter_map(|entry| entry.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn full_disk_halts_node_then_recovers() {
+    let _serial = CLUSTER_TESTS.lock().await;
+    let mut cluster = DevCluster::start(3, 0).await;
+    let ids = [1, 2, 3];
+    let leader = cluster.leader(&ids, READY_TIMEOUT).await;
+    let broken = ids.into_iter().find(|id| *id != leader).expect("a follower");
+    let others: Vec<u64> = ids.into_iter().filter(|id| *id != broken).collect();
+
+    cluster.kill_node(broken).await;
+    let raft_dir = cluster.node_dir(broken).join("data/raft");
+    let disk = SmallDisk::mount(&raft_dir, folder_bytes(&raft_dir) + (8 << 20));
+    cluster.serve_node(broken);
+    cluster.wait_ready(broken, READY_TIMEOUT).await;
+
+    // Issue until the follower's log no longer fits: it must stop taking writes and report it.
+    let load = Load::start(cluster.channels(&others).await, CLIENTS);
+    let halted = cluster.wait_status(broken, Duration::from_secs(90), |status| !status.halted.is_empty()).await;
+    let report = load.stop().await;
+    assert!(halted.halted.contains("append to the Raft log"), "the reason names the failed write: {halted:?}");
+    assert!(!halted.ready, "a node whose log cannot be written is not ready: {halted:?}");
+    // /readyz follows the Raft state within the node's 200 ms status interval.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!cluster.is_ready(broken), "/readyz of the broken node must not return 200");
+    assert!(report.issued.len() > 100, "the majority kept issuing: {}", report.describe(report.stopped));
+
+    cluster.kill_node(broken).await;
+    disk.restore();
+    cluster.serve_node(broken);
+    cluster.wait_ready(broken, READY_TIMEOUT).await;
+    let statuses = cluster.wait_converged(&ids, CONVERGE_TIMEOUT).await;
+    let totals: BTreeSet<u64> = statuses.values().map(|status| status.issued_total).collect();
+    assert_eq!(totals.len(), 1, "the repaired node caught up: {:#?}", summarize(&statuses));
+    assert!(cluster.stop(STOP_GRACE).await, "the cluster stops cleanly");
+    assert_eq!(cluster.panics(&ids), BTreeMap::new(), "node logs with a panic");
 }

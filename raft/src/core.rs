@@ -97,10 +97,22 @@ impl<S: StateMachine> Core<S> {
                 "the state machine is at index {applied} but the Raft log starts at {first}"
             )));
         }
-        if applied > last.max(store.hard_state().commit) {
+        if applied > last {
             return Err(RaftError::Corrupt(format!(
                 "the state machine is at index {applied}, past the Raft log's last index {last}"
             )));
+        }
+        // Committed entries are applied before the Ready's hard state is stored, so a crash or a
+        // failed write between the two leaves the stored commit index behind the applied one.
+        // Everything applied was committed, so the commit index is raised to it.
+        if applied > store.hard_state().commit {
+            tracing::info!(
+                node_id = config.id,
+                applied,
+                stored_commit = store.hard_state().commit,
+                "raising the stored commit index to the applied index"
+            );
+            store.set_commit(applied)?;
         }
 
         let latest = snapshots.latest_local();

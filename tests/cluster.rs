@@ -427,7 +427,7 @@ impl SmallDisk {
         let disk = self.mount.with_extension("disk");
         run(&["cp", "-a", &format!("{}/.", self.mount.display()), &disk.to_string_lossy()]);
         drop(self);
-        std::fs::remove_dir(&disk.with_extension("")).expect("remove the mount point");
+        std::fs::remove_dir(disk.with_extension("")).expect("remove the mount point");
         std::fs::rename(&disk, disk.with_extension("")).expect("put the Raft log back");
     }
 }

@@ -434,7 +434,8 @@ impl SmallDisk {
 
 impl Drop for SmallDisk {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.mount).status();
+        // A lazy unmount also detaches the tmpfs when a failed test left a node holding its files.
+        let _ = Command::new("umount").arg("--lazy").arg(&self.mount).status();
     }
 }
 

@@ -6,6 +6,7 @@ use cryptoki::session::Session;
 use crate::der::{self, OID_P256, OID_P384};
 use crate::error::from_cryptoki;
 use crate::types::hex;
+use crate::wrapped::{PublicKeyParts, ec_params};
 use crate::{HsmError, KeyRef, KeyType};
 
 /// Finds objects matching `template`. cryptoki's find iterator calls C_FindObjectsFinal when
@@ -126,18 +127,27 @@ pub(crate) fn modulus_bits(modulus: &[u8]) -> usize {
     }
 }
 
+/// Builds the DER SubjectPublicKeyInfo of `key` from the attributes of its public key object.
 pub(crate) fn build_spki(key: &KeyRef, attributes: Vec<Attribute>) -> Result<Vec<u8>, HsmError> {
+    Ok(match public_key_parts(key, attributes)? {
+        PublicKeyParts::Ec { point } => der::ec_spki(ec_params(key.key_type()).unwrap_or_default(), &point),
+        PublicKeyParts::Rsa { modulus, public_exponent } => der::rsa_spki(&modulus, &public_exponent),
+    })
+}
+
+/// Builds the public key of `key` from the attributes of its public key object.
+pub(crate) fn public_key_parts(key: &KeyRef, attributes: Vec<Attribute>) -> Result<PublicKeyParts, HsmError> {
     let missing = |name: &str| HsmError::InvalidPublicKey {
         reason: format!("public key of \"{}\" (CKA_ID {}) has no {name}", key.label(), hex(key.id())),
     };
 
-    let mut ec_params = None;
+    let mut ec_params_value = None;
     let mut ec_point = None;
     let mut modulus = None;
     let mut public_exponent = None;
     for attribute in attributes {
         match attribute {
-            Attribute::EcParams(value) => ec_params = Some(value),
+            Attribute::EcParams(value) => ec_params_value = Some(value),
             Attribute::EcPoint(value) => ec_point = Some(value),
             Attribute::Modulus(value) => modulus = Some(value),
             Attribute::PublicExponent(value) => public_exponent = Some(value),
@@ -147,30 +157,26 @@ pub(crate) fn build_spki(key: &KeyRef, attributes: Vec<Attribute>) -> Result<Vec
 
     match key.key_type() {
         KeyType::EcP256 | KeyType::EcP384 => {
-            let (expected_oid, field_len) = match key.key_type() {
-                KeyType::EcP256 => (OID_P256, 32),
-                _ => (OID_P384, 48),
-            };
-            let ec_params = ec_params.ok_or_else(|| missing("CKA_EC_PARAMS"))?;
-            if ec_params != expected_oid {
+            let ec_params_value = ec_params_value.ok_or_else(|| missing("CKA_EC_PARAMS"))?;
+            if Some(ec_params_value.as_slice()) != ec_params(key.key_type()) {
                 return Err(HsmError::InvalidPublicKey {
                     reason: format!(
                         "public key of \"{}\" has CKA_EC_PARAMS {}, which is not the curve of a {} key",
                         key.label(),
-                        hex(&ec_params),
+                        hex(&ec_params_value),
                         key.key_type()
                     ),
                 });
             }
             let ec_point = ec_point.ok_or_else(|| missing("CKA_EC_POINT"))?;
-            let point = der::ec_point_from_attribute(&ec_point, 1 + 2 * field_len)?;
-            Ok(der::ec_spki(expected_oid, point))
+            let point_len = 1 + 2 * key.key_type().ecdsa_half_len().unwrap_or_default();
+            let point = der::ec_point_from_attribute(&ec_point, point_len)?;
+            Ok(PublicKeyParts::Ec { point: point.to_vec() })
         }
-        KeyType::Rsa3072 => {
-            let modulus = modulus.ok_or_else(|| missing("CKA_MODULUS"))?;
-            let public_exponent = public_exponent.ok_or_else(|| missing("CKA_PUBLIC_EXPONENT"))?;
-            Ok(der::rsa_spki(&modulus, &public_exponent))
-        }
+        KeyType::Rsa3072 => Ok(PublicKeyParts::Rsa {
+            modulus: modulus.ok_or_else(|| missing("CKA_MODULUS"))?,
+            public_exponent: public_exponent.ok_or_else(|| missing("CKA_PUBLIC_EXPONENT"))?,
+        }),
     }
 }
 

@@ -12,7 +12,7 @@ use super::{Hsm, signature_from_token, signing_input};
 use crate::der;
 use crate::error::{ckr_name, from_cryptoki};
 use crate::kek::{KEK_ATTRIBUTE_TYPES, KekInfo, describe_kek};
-use crate::objects::find_objects;
+use crate::objects::{find_objects, public_key_parts};
 use crate::types::hex;
 use crate::wrapped::{PublicKeyParts, ec_params};
 use crate::{HsmError, KeyRef, KeyType, WrappedKey};
@@ -185,51 +185,6 @@ impl Hsm {
             }
         }
         Ok(())
-    }
-}
-
-/// Builds the public key of `key` from the attributes of its public key object.
-fn public_key_parts(key: &KeyRef, attributes: Vec<Attribute>) -> Result<PublicKeyParts, HsmError> {
-    let missing = |name: &str| HsmError::InvalidPublicKey {
-        reason: format!("public key of \"{}\" (CKA_ID {}) has no {name}", key.label(), hex(key.id())),
-    };
-
-    let mut ec_params_value = None;
-    let mut ec_point = None;
-    let mut modulus = None;
-    let mut public_exponent = None;
-    for attribute in attributes {
-        match attribute {
-            Attribute::EcParams(value) => ec_params_value = Some(value),
-            Attribute::EcPoint(value) => ec_point = Some(value),
-            Attribute::Modulus(value) => modulus = Some(value),
-            Attribute::PublicExponent(value) => public_exponent = Some(value),
-            _ => {}
-        }
-    }
-
-    match key.key_type() {
-        KeyType::EcP256 | KeyType::EcP384 => {
-            let ec_params_value = ec_params_value.ok_or_else(|| missing("CKA_EC_PARAMS"))?;
-            if Some(ec_params_value.as_slice()) != ec_params(key.key_type()) {
-                return Err(HsmError::InvalidPublicKey {
-                    reason: format!(
-                        "public key of \"{}\" has CKA_EC_PARAMS {}, which is not the curve of a {} key",
-                        key.label(),
-                        hex(&ec_params_value),
-                        key.key_type()
-                    ),
-                });
-            }
-            let ec_point = ec_point.ok_or_else(|| missing("CKA_EC_POINT"))?;
-            let point_len = 1 + 2 * key.key_type().ecdsa_half_len().unwrap_or_default();
-            let point = der::ec_point_from_attribute(&ec_point, point_len)?;
-            Ok(PublicKeyParts::Ec { point: point.to_vec() })
-        }
-        KeyType::Rsa3072 => Ok(PublicKeyParts::Rsa {
-            modulus: modulus.ok_or_else(|| missing("CKA_MODULUS"))?,
-            public_exponent: public_exponent.ok_or_else(|| missing("CKA_PUBLIC_EXPONENT"))?,
-        }),
     }
 }
 

@@ -203,7 +203,7 @@ pub fn svid_csr(key: &rcgen::KeyPair, spiffe_id: &str, dns: &[String]) -> anyhow
 ///
 /// # Errors
 ///
-/// Fails when the target is incomplete, or no node answers.
+/// Fails when the target is incomplete, or no node responds.
 pub async fn status(target: &Target, json: bool) -> anyhow::Result<()> {
     let connections = match (&target.dev_dir, target.node) {
         (Some(dir), None) => Connection::all_from_dev_dir(dir)?,
@@ -226,7 +226,7 @@ pub async fn status(target: &Target, json: bool) -> anyhow::Result<()> {
     }
     if nodes.is_empty() {
         let reasons: Vec<String> = failures.iter().map(|(id, error)| format!("node {id}: {error}")).collect();
-        bail!("no node answered: {}", reasons.join("; "));
+        bail!("no node responded: {}", reasons.join("; "));
     }
     let response = crate::proto::GetStatusResponse { nodes, trust_domain };
 

@@ -186,7 +186,7 @@ fn membership_status(error: &MembershipError) -> Status {
     }
 }
 
-/// Longest wait for a new node to catch up when the request sets none.
+/// Maximum wait for a new node to catch up when the request sets none.
 const DEFAULT_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(120);
 
 #[tonic::async_trait]

@@ -25,7 +25,7 @@ pub struct NodeIdentity {
     pub not_after: i64,
 }
 
-/// Loads the identity in `dir`, or `None` when the folder holds none.
+/// Loads the identity in `dir`, or returns `None` when the folder contains none.
 ///
 /// # Errors
 ///

@@ -18,7 +18,7 @@ use sigil_raft::PeerTls;
 use crate::spiffe_id::SpiffeId;
 use crate::tls::{NodeCertResolver, caller_spiffe_id};
 
-/// The SPIFFE ID of node `id` in `trust_domain`.
+/// Returns the SPIFFE ID of node `id` in `trust_domain`.
 pub fn node_spiffe_id(trust_domain: &str, id: u64) -> String {
     format!("spiffe://{trust_domain}/sigil/node/{id}")
 }
@@ -176,7 +176,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn node_ids_are_read_only_from_exact_node_ids() {
+    fn node_id_parsed_from_exact_ids() {
         let parse = |text: &str| SpiffeId::parse(text).expect("valid SPIFFE ID");
         assert_eq!(node_id_of("example.org", &parse("spiffe://example.org/sigil/node/3")), Some(3));
         for other in [

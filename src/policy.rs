@@ -166,7 +166,7 @@ pub enum PolicyDenial {
 
 /// True when `spiffe_id` is under the `/sigil` path that Sigil's node and administrator identities
 /// use. Such identities authenticate Raft peers and administrators, so the issuance API never
-/// issues them, whatever the policy or its mode says.
+/// issues them, whatever the policy or its mode allows.
 pub fn is_reserved(spiffe_id: &SpiffeId) -> bool {
     let text = spiffe_id.as_str();
     let path = text.strip_prefix("spiffe://").and_then(|rest| rest.find('/').map(|slash| &rest[slash..])).unwrap_or("");

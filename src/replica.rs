@@ -57,7 +57,7 @@ impl StateMachine for LedgerMachine {
     }
 }
 
-/// Why a replicated write failed.
+/// Failure of a replicated write.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum WriteError {
     /// The ledger rejected the command; the message names the bad value.
@@ -68,7 +68,7 @@ pub enum WriteError {
     Unavailable(#[from] RaftError),
 }
 
-/// Why a membership change failed.
+/// Failure of a membership change.
 #[derive(Debug, thiserror::Error)]
 pub enum MembershipError {
     #[error(
@@ -94,7 +94,7 @@ pub enum MembershipError {
     Raft(#[from] RaftError),
 }
 
-/// A transport for a node that is the only voter: there is nobody to send to.
+/// A transport for a node that is the only voter, which has no peer to send to.
 pub struct NoPeers;
 
 impl Transport for NoPeers {
@@ -236,7 +236,7 @@ impl Replica {
         self.handle.read_index().await
     }
 
-    /// Waits until this node knows a leader, at most `limit`; returns whether it does.
+    /// Waits at most `limit` until this node has a leader, and returns whether it has one.
     pub async fn wait_for_leader(&self, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
         loop {

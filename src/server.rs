@@ -255,7 +255,7 @@ async fn serve_node(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Longest wait for a server's connections to close at shutdown.
+/// Maximum wait for a server's connections to close at shutdown.
 const SERVER_DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Waits for a server task to finish after shutdown was signalled, at most

@@ -823,7 +823,7 @@ fn decode_conf_change(entry: &Entry) -> Result<ConfChangeV2, RaftError> {
     }
 }
 
-/// The context of a membership change: the request id, then the addresses
+/// Splits the context of a membership change: the request id, then the addresses
 /// of the nodes it adds. Changes made by raft-rs itself have no context.
 fn split_membership_context(context: &[u8]) -> Result<(Option<RequestId>, BTreeMap<u64, String>), RaftError> {
     if context.len() < 16 {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread::{self, JoinHandle};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use raft::eraftpb::Message;
@@ -23,6 +23,9 @@ use crate::storage::LogStore;
 /// Inputs handled in one pass of the node's loop at most, so that ticks
 /// and Ready handling are not starved under load.
 const MAX_INPUTS_PER_PASS: usize = 8192;
+
+/// Interval at which a busy node publishes its status and checks for new peer addresses.
+const STATUS_INTERVAL: Duration = Duration::from_millis(5);
 
 /// Carries Raft messages to the other nodes.
 pub trait Transport: Send + Sync + 'static {
@@ -207,6 +210,7 @@ fn run<S: StateMachine>(
     let tick = core.tick_interval();
     let mut next_tick = Instant::now() + tick;
     let mut peers = core.peers();
+    let mut next_status = Instant::now();
 
     'run: loop {
         let now = Instant::now();
@@ -240,12 +244,18 @@ fn run<S: StateMachine>(
             transport.send(messages);
         }
 
-        let current = core.peers();
-        if current != peers {
-            transport.set_peers(&current);
-            peers = current;
+        // The status and peer map are copies, so under load they are refreshed at an interval
+        // rather than after every batch.
+        let now = Instant::now();
+        if now >= next_status {
+            let current = core.peers();
+            if current != peers {
+                transport.set_peers(&current);
+                peers = current;
+            }
+            *status.lock() = core.status();
+            next_status = now + STATUS_INTERVAL;
         }
-        *status.lock() = core.status();
     }
 
     core.shut_down();

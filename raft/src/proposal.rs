@@ -20,7 +20,7 @@ const PROPOSAL_HEADER_LEN: usize = 16 + 4;
 pub struct RequestId(pub [u8; 16]);
 
 impl RequestId {
-    /// A new random request id.
+    /// Returns a new random request id.
     pub fn random() -> RequestId {
         let mut bytes = [0u8; 16];
         // The system random source does not fail on supported platforms;

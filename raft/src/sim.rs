@@ -23,14 +23,14 @@ use crate::state_machine::StateMachine;
 use crate::status::{NodeStatus, Role};
 use crate::storage::LogStore;
 
-/// How one direction of a link between two nodes behaves.
+/// Behaviour of one direction of a link between two nodes.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Link {
     /// Probability in [0, 1] that a message is lost.
     pub drop: f64,
     /// Shortest delivery delay.
     pub min_delay: Duration,
-    /// Longest delivery delay; messages with different delays overtake
+    /// Maximum delivery delay; messages with different delays overtake
     /// each other, which reorders them.
     pub max_delay: Duration,
     /// When true, nothing passes.
@@ -240,7 +240,7 @@ impl<S: StateMachine> SimCluster<S> {
         self.nodes.get(&id)?.as_ref().map(Core::machine)
     }
 
-    /// The running node that is leader in the highest term, if any.
+    /// Returns the running node that is leader in the highest term, if any.
     pub fn leader(&self) -> Option<u64> {
         self.nodes
             .values()

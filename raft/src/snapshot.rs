@@ -31,7 +31,7 @@ const STATE_DIR: &str = "state";
 /// Snapshots kept in `local/`; older ones are deleted.
 const LOCAL_KEPT: usize = 2;
 
-/// The data of a Raft snapshot message: its index and term.
+/// Encodes the data of a Raft snapshot message: its index and term.
 pub fn descriptor(index: u64, term: u64) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(16);
     bytes.extend_from_slice(&index.to_be_bytes());
@@ -88,7 +88,7 @@ impl SnapshotStore {
         self.root.join("incoming").join(folder_name(index, term))
     }
 
-    /// The state machine's checkpoint folder inside a snapshot folder.
+    /// Returns the state machine's checkpoint folder inside a snapshot folder.
     pub fn state_dir(snapshot_dir: &Path) -> PathBuf {
         snapshot_dir.join(STATE_DIR)
     }
@@ -129,7 +129,7 @@ impl SnapshotStore {
         Ok(final_dir)
     }
 
-    /// The metadata of the newest complete local snapshot, if any.
+    /// Returns the metadata of the newest complete local snapshot, if any.
     pub fn latest_local(&self) -> Option<SnapshotMetadata> {
         let newest = self.local_snapshots().into_iter().next_back()?;
         let bytes = fs::read(self.local_dir(newest.0, newest.1).join(METADATA_FILE)).ok()?;

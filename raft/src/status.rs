@@ -85,8 +85,8 @@ pub struct NodeStatus {
 }
 
 impl NodeStatus {
-    /// True when the node can take writes: it knows a leader, is a member,
-    /// and its storage works.
+    /// Returns true when the node can take writes: it has a leader, is a
+    /// member, and its storage works.
     pub fn is_ready(&self) -> bool {
         self.leader.is_some() && self.halted.is_none() && !self.removed
     }

@@ -44,10 +44,10 @@ pub trait PeerTls: Send + Sync + 'static {
     /// node `peer` as the server.
     fn client_config(&self, peer: u64) -> Result<Arc<rustls::ClientConfig>, String>;
 
-    /// The name to send in SNI and check against the server certificate.
+    /// Returns the name to send in SNI and check against the server certificate.
     fn server_name(&self, peer: u64) -> ServerName<'static>;
 
-    /// The node id of a caller, from its verified certificate chain.
+    /// Returns the node id of a caller, from its verified certificate chain.
     fn caller_node_id(&self, chain: Option<&[CertificateDer<'_>]>) -> Result<u64, String>;
 }
 
@@ -399,7 +399,7 @@ enum StreamEnd {
     Failed(String),
 }
 
-/// What the server side hands messages to.
+/// The receiver of the messages that the server side accepts.
 trait Inbound: Send + Sync {
     fn step(&self, messages: Vec<Message>) -> Result<(), RaftError>;
     fn id(&self) -> u64;

@@ -8,13 +8,14 @@
 //! writes staged in that batch. Commands are therefore staged by kind rather
 //! than in entry order: every `InstallCa` in order, then one purge at the
 //! largest `expired_before_unix` of all `PurgeExpired` commands, then the
-//! records of all `RecordIssuances` commands (see `records.rs`).
+//! records of all `RecordIssuances` commands (see `records.rs`), then the
+//! `KvTransaction` commands in order (see `kv.rs`).
 
 use prost::Message;
 use ring::digest;
 use rocksdb::{ReadOptions, WriteBatch};
 
-use super::command::{CaVersion, Command, CommandKind, InstallCa, PurgeExpired, RecordIssuances};
+use super::command::{CaVersion, Command, CommandKind, InstallCa, KvTransaction, PurgeExpired, RecordIssuances};
 use super::error::LedgerError;
 use super::keys::{
     self, CF_CA, CF_ISSUANCE, CF_META, META_ACTIVE_CA_VERSION, META_ISSUANCE_COUNT, META_LATEST_CA_VERSION,
@@ -44,6 +45,12 @@ pub enum CommandResult {
         /// Start (Unix seconds) of the oldest expiry bucket kept.
         cutoff_unix: u64,
         records_removed: u64,
+        /// Expired key-value entries dropped.
+        kv_removed: u64,
+    },
+    KvCommitted {
+        /// The revision the transaction's writes carry.
+        revision: u64,
     },
 }
 
@@ -75,6 +82,7 @@ struct CommandsByKind {
     installs: Vec<(usize, InstallCa)>,
     purges: Vec<(usize, PurgeExpired)>,
     records: Vec<(usize, RecordIssuances)>,
+    kv: Vec<(usize, KvTransaction)>,
 }
 
 /// Computes the digest after the entry at `index`: SHA-256(previous digest
@@ -121,6 +129,7 @@ impl Store {
         stage.stage_installs(grouped.installs)?;
         stage.stage_purges(&grouped.purges)?;
         stage.stage_records(&grouped.records)?;
+        stage.stage_kv(grouped.kv)?;
         Ok(stage.finish())
     }
 }
@@ -135,6 +144,7 @@ impl EntryStage<'_> {
                 Ok(CommandKind::InstallCa(install)) => grouped.installs.push((position, install)),
                 Ok(CommandKind::PurgeExpired(purge)) => grouped.purges.push((position, purge)),
                 Ok(CommandKind::RecordIssuances(records)) => grouped.records.push((position, records)),
+                Ok(CommandKind::KvTransaction(transaction)) => grouped.kv.push((position, transaction)),
                 Err(error) => self.results[position] = Some(Err(error)),
             }
         }
@@ -204,7 +214,11 @@ impl EntryStage<'_> {
     fn stage_purge(&mut self, expired_before_unix: i64) -> Result<CommandResult, LedgerError> {
         let cutoff = keys::expiry_bucket(expired_before_unix);
         if cutoff <= self.state.purge_cutoff {
-            return Ok(CommandResult::ExpiredPurged { cutoff_unix: self.state.purge_cutoff, records_removed: 0 });
+            return Ok(CommandResult::ExpiredPurged {
+                cutoff_unix: self.state.purge_cutoff,
+                records_removed: 0,
+                kv_removed: 0,
+            });
         }
 
         let meta = self.store.cf(CF_META);
@@ -226,9 +240,11 @@ impl EntryStage<'_> {
         self.batch.put_cf(meta, META_ISSUANCE_COUNT, issuance_count.to_be_bytes());
         self.batch.put_cf(meta, META_PURGE_CUTOFF, cutoff.to_be_bytes());
 
+        let kv_removed = self.stage_kv_purge(cutoff)?;
+
         self.state.purge_cutoff = cutoff;
         self.state.issuance_count = issuance_count;
-        Ok(CommandResult::ExpiredPurged { cutoff_unix: cutoff, records_removed })
+        Ok(CommandResult::ExpiredPurged { cutoff_unix: cutoff, records_removed, kv_removed })
     }
 
     fn finish(self) -> StagedEntry {

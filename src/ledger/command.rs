@@ -18,7 +18,7 @@ pub const MAX_LABEL_LEN: usize = 256;
 /// One command for the ledger state machine.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Command {
-    #[prost(oneof = "CommandKind", tags = "1, 2, 3")]
+    #[prost(oneof = "CommandKind", tags = "1, 2, 3, 4")]
     pub kind: Option<CommandKind>,
 }
 
@@ -30,6 +30,8 @@ pub enum CommandKind {
     RecordIssuances(RecordIssuances),
     #[prost(message, tag = "3")]
     PurgeExpired(PurgeExpired),
+    #[prost(message, tag = "4")]
+    KvTransaction(KvTransaction),
 }
 
 /// Installs a new CA chain version and makes it the active one.
@@ -72,7 +74,8 @@ pub struct IssuanceRecord {
     /// Certificate serial number as DER integer content bytes, 1 to 20 bytes.
     #[prost(bytes = "vec", tag = "1")]
     pub serial: Vec<u8>,
-    /// SPIFFE ID in the certificate's URI SAN.
+    /// SPIFFE ID in the certificate's URI SAN; empty for a certificate
+    /// without one, such as an ACME TLS server certificate.
     #[prost(string, tag = "2")]
     pub spiffe_id: String,
     /// The certificate's notAfter in Unix seconds.
@@ -80,7 +83,7 @@ pub struct IssuanceRecord {
     pub not_after_unix: i64,
     #[prost(int64, tag = "4")]
     pub issued_at_unix: i64,
-    /// SPIFFE ID of the requester.
+    /// The requester: a SPIFFE ID, or the URL of an ACME account.
     #[prost(string, tag = "5")]
     pub caller: String,
     /// Name of the signing profile used.
@@ -89,6 +92,54 @@ pub struct IssuanceRecord {
     /// SHA-256 of the certificate DER, 32 bytes.
     #[prost(bytes = "vec", tag = "7")]
     pub cert_sha256: Vec<u8>,
+}
+
+/// Writes to the key-value space, all or none: every condition must hold
+/// when the transaction applies. Services above the ledger (ACME) keep
+/// their state here and use the conditions for compare-and-set.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct KvTransaction {
+    #[prost(message, repeated, tag = "1")]
+    pub conditions: Vec<KvCondition>,
+    #[prost(message, repeated, tag = "2")]
+    pub writes: Vec<KvWrite>,
+}
+
+/// Requires a key to be at a revision, or absent when `revision` is 0.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct KvCondition {
+    #[prost(bytes = "vec", tag = "1")]
+    pub key: Vec<u8>,
+    #[prost(uint64, tag = "2")]
+    pub revision: u64,
+}
+
+/// Puts or deletes one key.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct KvWrite {
+    #[prost(bytes = "vec", tag = "1")]
+    pub key: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub value: Vec<u8>,
+    #[prost(bool, tag = "3")]
+    pub delete: bool,
+    /// Unix seconds after which a purge may drop the key; 0 keeps it until
+    /// it is deleted.
+    #[prost(int64, tag = "4")]
+    pub expires_unix: i64,
+}
+
+/// A stored key-value entry.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct KvValue {
+    #[prost(bytes = "vec", tag = "1")]
+    pub value: Vec<u8>,
+    /// The revision of the transaction that wrote it. Revisions start at 1
+    /// and increase by one per accepted transaction.
+    #[prost(uint64, tag = "2")]
+    pub revision: u64,
+    #[prost(int64, tag = "3")]
+    pub expires_unix: i64,
 }
 
 /// One stored version of the CA chain.
@@ -123,6 +174,77 @@ impl Command {
     pub fn purge_expired(expired_before_unix: i64) -> Self {
         Command { kind: Some(CommandKind::PurgeExpired(PurgeExpired { expired_before_unix })) }
     }
+
+    pub fn kv_transaction(transaction: KvTransaction) -> Self {
+        Command { kind: Some(CommandKind::KvTransaction(transaction)) }
+    }
+}
+
+/// Maximum length in bytes of a key-value key.
+pub const MAX_KV_KEY_LEN: usize = 512;
+
+/// Maximum length in bytes of a key-value value.
+pub const MAX_KV_VALUE_LEN: usize = 256 * 1024;
+
+/// Maximum number of conditions, and of writes, in one transaction.
+pub const MAX_KV_OPERATIONS: usize = 256;
+
+impl KvTransaction {
+    /// Checks sizes and that no key is written twice.
+    pub fn validate(&self) -> Result<(), LedgerError> {
+        if self.writes.is_empty() {
+            return Err(invalid_kv("the transaction contains no writes".to_owned()));
+        }
+        if self.conditions.len() > MAX_KV_OPERATIONS || self.writes.len() > MAX_KV_OPERATIONS {
+            return Err(invalid_kv(format!(
+                "{} conditions and {} writes, more than {MAX_KV_OPERATIONS} of either",
+                self.conditions.len(),
+                self.writes.len()
+            )));
+        }
+        for key in
+            self.conditions.iter().map(|condition| &condition.key).chain(self.writes.iter().map(|write| &write.key))
+        {
+            validate_kv_key(key)?;
+        }
+        let mut written = std::collections::HashSet::new();
+        for write in &self.writes {
+            if !written.insert(write.key.as_slice()) {
+                return Err(invalid_kv(format!("key {} is written twice", printable_key(&write.key))));
+            }
+            if write.value.len() > MAX_KV_VALUE_LEN {
+                return Err(invalid_kv(format!(
+                    "value of key {} is {} bytes, more than {MAX_KV_VALUE_LEN}",
+                    printable_key(&write.key),
+                    write.value.len()
+                )));
+            }
+            if write.expires_unix < 0 {
+                return Err(invalid_kv(format!("key {} expires before the Unix epoch", printable_key(&write.key))));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Shows a key as text when it is printable ASCII, else as hex.
+pub fn printable_key(key: &[u8]) -> String {
+    if key.iter().all(|byte| byte.is_ascii_graphic()) {
+        String::from_utf8_lossy(key).into_owned()
+    } else {
+        format!("0x{}", hex::encode(key))
+    }
+}
+
+fn validate_kv_key(key: &[u8]) -> Result<(), LedgerError> {
+    if key.is_empty() || key.len() > MAX_KV_KEY_LEN {
+        return Err(invalid_kv(format!("key length {} is outside 1..={MAX_KV_KEY_LEN} bytes", key.len())));
+    }
+    Ok(())
+}
+
+fn invalid_kv(reason: String) -> LedgerError {
+    LedgerError::InvalidCommand { command: "kv_transaction", reason }
 }
 
 impl IssuanceRecord {
@@ -138,8 +260,10 @@ impl IssuanceRecord {
                 ),
             ));
         }
-        validate_spiffe_id("spiffe_id", &self.spiffe_id)?;
-        validate_spiffe_id("caller", &self.caller)?;
+        if !self.spiffe_id.is_empty() {
+            validate_spiffe_id("spiffe_id", &self.spiffe_id)?;
+        }
+        validate_caller(&self.caller)?;
         if self.not_after_unix < 0 {
             return Err(invalid_record("not_after_unix", format!("{} is before the Unix epoch", self.not_after_unix)));
         }
@@ -194,6 +318,19 @@ fn validate_spiffe_id(field: &'static str, value: &str) -> Result<(), LedgerErro
     }
     if value.len() > MAX_SPIFFE_ID_LEN {
         return Err(invalid_record(field, format!("length {} exceeds {MAX_SPIFFE_ID_LEN} bytes", value.len())));
+    }
+    Ok(())
+}
+
+fn validate_caller(value: &str) -> Result<(), LedgerError> {
+    if value.starts_with("spiffe://") {
+        return validate_spiffe_id("caller", value);
+    }
+    if !value.starts_with("https://") {
+        return Err(invalid_record("caller", format!("{value:?} is neither a SPIFFE ID nor an https:// account URL")));
+    }
+    if value.len() > MAX_SPIFFE_ID_LEN {
+        return Err(invalid_record("caller", format!("length {} exceeds {MAX_SPIFFE_ID_LEN} bytes", value.len())));
     }
     Ok(())
 }

@@ -65,7 +65,10 @@ fn entry_returns_result_per_command() {
     expect_result(&outcomes[1], recorded(2, 0));
     assert!(matches!(outcomes[2], Err(LedgerError::InvalidCommand { .. })), "{:?}", outcomes[2]);
     let purge_cutoff = (NOT_AFTER - HOUR) as u64;
-    expect_result(&outcomes[3], CommandResult::ExpiredPurged { cutoff_unix: purge_cutoff, records_removed: 0 });
+    expect_result(
+        &outcomes[3],
+        CommandResult::ExpiredPurged { cutoff_unix: purge_cutoff, records_removed: 0, kv_removed: 0 },
+    );
     expect_result(&outcomes[4], recorded(1, 0));
     assert_eq!(ledger.applied_index(), 1);
     assert_eq!(ledger.issuance_count(), 3);
@@ -190,7 +193,10 @@ fn purge_applies_before_records_in_entry() {
 
     expect_invalid_record(&outcomes[0], "not_after_unix");
     expect_result(&outcomes[1], recorded(1, 0));
-    expect_result(&outcomes[2], CommandResult::ExpiredPurged { cutoff_unix: (base + HOUR) as u64, records_removed: 1 });
+    expect_result(
+        &outcomes[2],
+        CommandResult::ExpiredPurged { cutoff_unix: (base + HOUR) as u64, records_removed: 1, kv_removed: 0 },
+    );
     assert_eq!(ledger.issuance(&serial(1)).expect("read issuance"), Some(reused));
     assert_eq!(ledger.issuance(&serial(3)).expect("read issuance"), None);
     assert_eq!(ledger.issuance_count(), 2);
@@ -215,7 +221,7 @@ fn purges_in_entry_merge_to_latest() {
     for outcome in &outcomes {
         expect_result(
             outcome,
-            CommandResult::ExpiredPurged { cutoff_unix: (base + 3 * HOUR) as u64, records_removed: 3 },
+            CommandResult::ExpiredPurged { cutoff_unix: (base + 3 * HOUR) as u64, records_removed: 3, kv_removed: 0 },
         );
     }
     for hour in 0..3 {

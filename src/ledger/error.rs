@@ -18,6 +18,11 @@ pub enum LedgerError {
     #[error("validate {command} command: {reason}")]
     InvalidCommand { command: &'static str, reason: String },
 
+    /// A condition of a key-value transaction did not hold. Revision 0
+    /// means absent.
+    #[error("key-value transaction: key {key} is at revision {found}, expected {expected}")]
+    KvConflict { key: String, expected: u64, found: u64 },
+
     /// A RocksDB call failed. `operation` names the step, such as
     /// "open ledger at /var/lib/sigil/ledger".
     #[error("{operation}: {cause}")]
@@ -74,6 +79,7 @@ impl LedgerError {
             LedgerError::DuplicateSerial { .. }
                 | LedgerError::InvalidRecord { .. }
                 | LedgerError::InvalidCommand { .. }
+                | LedgerError::KvConflict { .. }
         )
     }
 

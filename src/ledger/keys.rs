@@ -9,6 +9,9 @@ pub(crate) const CF_META: &str = "meta";
 pub(crate) const CF_CA: &str = "ca";
 pub(crate) const CF_ISSUANCE: &str = "issuance";
 pub(crate) const CF_SERIALS: &str = "serials";
+pub(crate) const CF_KV: &str = "kv";
+/// Expiry index of the key-value space: bucket, then key, to an empty value.
+pub(crate) const CF_KV_EXPIRY: &str = "kv_expiry";
 
 pub(crate) const SCHEMA_VERSION: u64 = 1;
 
@@ -23,6 +26,7 @@ pub(crate) const META_LATEST_CA_VERSION: &[u8] = b"latest_ca_version";
 /// Start (Unix seconds) of the oldest expiry bucket not yet purged.
 pub(crate) const META_PURGE_CUTOFF: &[u8] = b"purge_cutoff";
 pub(crate) const META_ISSUANCE_COUNT: &[u8] = b"issuance_count";
+pub(crate) const META_KV_REVISION: &[u8] = b"kv_revision";
 /// Prefix of the per-bucket record counters, followed by the bucket start.
 pub(crate) const META_BUCKET_COUNT_PREFIX: &[u8] = b"bucket_count/";
 
@@ -39,6 +43,11 @@ pub(crate) fn issuance_key(bucket: u64, serial: &[u8]) -> Vec<u8> {
     key.extend_from_slice(&bucket.to_be_bytes());
     key.extend_from_slice(serial);
     key
+}
+
+/// Key of an entry in the `kv_expiry` column family.
+pub(crate) fn kv_expiry_key(expires_unix: i64, key: &[u8]) -> Vec<u8> {
+    issuance_key(expiry_bucket(expires_unix), key)
 }
 
 pub(crate) fn bucket_count_key(bucket: u64) -> Vec<u8> {

@@ -18,7 +18,8 @@
 //! Within one entry, the `InstallCa` commands apply first in their order,
 //! then every `PurgeExpired` command as one purge at the largest
 //! `expired_before_unix`, then the records of every `RecordIssuances`
-//! command, because a write batch does not see its own writes. A command
+//! command, then the `KvTransaction` commands in order, because a write
+//! batch does not see its own writes. A command
 //! that is rejected (invalid, undecodable, a duplicate serial, a record that
 //! expires before the purge cutoff) fails alone and still counts as applied.
 //!
@@ -44,11 +45,16 @@
 //!   down to the hour, big-endian u64) then serial, so purges delete ranges.
 //! - `serials`: serial to expiry bucket, for duplicate detection. Entries
 //!   of purged buckets are dropped by a compaction filter.
+//! - `kv`: [`KvValue`] by key, the state of services above the ledger
+//!   (ACME), written by [`KvTransaction`] with compare-and-set conditions.
+//! - `kv_expiry`: expiry bucket then key, for the keys that expire; a purge
+//!   deletes the entries of purged buckets.
 
 mod apply;
 mod command;
 mod error;
 mod keys;
+mod kv;
 mod machine;
 mod records;
 mod snapshot;
@@ -64,6 +70,9 @@ mod entry_tests;
 #[cfg(test)]
 mod snapshot_tests;
 
+#[cfg(test)]
+mod kv_tests;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -74,7 +83,8 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use apply::CommandResult;
 pub use command::{
-    CaVersion, Command, CommandKind, InstallCa, IssuanceRecord, MAX_SERIAL_LEN, PurgeExpired, RecordIssuances,
+    CaVersion, Command, CommandKind, InstallCa, IssuanceRecord, KvCondition, KvTransaction, KvValue, KvWrite,
+    MAX_KV_KEY_LEN, MAX_KV_OPERATIONS, MAX_KV_VALUE_LEN, MAX_SERIAL_LEN, PurgeExpired, RecordIssuances, printable_key,
 };
 pub use error::LedgerError;
 pub use writer::MAX_BATCH_RECORDS;
@@ -238,6 +248,22 @@ impl Ledger {
     /// or has been purged.
     pub fn issuance(&self, serial: &[u8]) -> Result<Option<IssuanceRecord>, LedgerError> {
         self.machine.with_store(|store| store.issuance(serial))
+    }
+
+    /// Returns the key-value entry at `key`, as applied on this node.
+    pub fn kv_get(&self, key: &[u8]) -> Result<Option<KvValue>, LedgerError> {
+        self.machine.with_store(|store| store.kv_get(key))
+    }
+
+    /// Returns up to `limit` key-value entries whose keys start with
+    /// `prefix` and sort after `after`, in key order, as applied on this node.
+    pub fn kv_scan(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, KvValue)>, LedgerError> {
+        self.machine.with_store(|store| store.kv_scan(prefix, after, limit))
     }
 
     /// Returns the exact number of stored issuance records.

@@ -10,11 +10,12 @@ use rocksdb::{
     checkpoint::Checkpoint, compaction_filter::Decision,
 };
 
-use super::command::{CaVersion, IssuanceRecord};
+use super::command::{CaVersion, IssuanceRecord, KvValue};
 use super::error::LedgerError;
 use super::keys::{
-    self, CF_CA, CF_ISSUANCE, CF_META, CF_SERIALS, META_ACTIVE_CA_VERSION, META_APPLIED_INDEX, META_DIGEST,
-    META_ISSUANCE_COUNT, META_LATEST_CA_VERSION, META_PURGE_CUTOFF, META_SCHEMA_VERSION, SCHEMA_VERSION,
+    self, CF_CA, CF_ISSUANCE, CF_KV, CF_KV_EXPIRY, CF_META, CF_SERIALS, META_ACTIVE_CA_VERSION, META_APPLIED_INDEX,
+    META_DIGEST, META_ISSUANCE_COUNT, META_KV_REVISION, META_LATEST_CA_VERSION, META_PURGE_CUTOFF, META_SCHEMA_VERSION,
+    SCHEMA_VERSION,
 };
 
 /// The state that every applied entry reads and advances. It is stored in
@@ -29,6 +30,8 @@ pub(crate) struct LedgerState {
     /// Start (Unix seconds) of the oldest expiry bucket not yet purged.
     pub(crate) purge_cutoff: u64,
     pub(crate) issuance_count: u64,
+    /// Revision of the last accepted key-value transaction, 0 before one.
+    pub(crate) kv_revision: u64,
 }
 
 /// Whether `Store::open` may create a new, empty ledger.
@@ -71,7 +74,12 @@ impl Store {
             ColumnFamilyDescriptor::new(CF_CA, column_family_options()),
             ColumnFamilyDescriptor::new(CF_ISSUANCE, column_family_options()),
             ColumnFamilyDescriptor::new(CF_SERIALS, serials_options(Arc::clone(&purge_cutoff))),
+            ColumnFamilyDescriptor::new(CF_KV, column_family_options()),
+            ColumnFamilyDescriptor::new(CF_KV_EXPIRY, column_family_options()),
         ];
+        // A ledger written before the key-value space existed lacks its
+        // column families, so they are created even when opening one.
+        db_options.create_missing_column_families(true);
         let db = DB::open_cf_descriptors(&db_options, path, column_families)
             .map_err(|cause| LedgerError::storage(format!("open ledger at {}", path.display()), cause))?;
 
@@ -133,6 +141,44 @@ impl Store {
             .get_pinned_cf(self.cf(CF_ISSUANCE), keys::issuance_key(bucket, serial))
             .map_err(|cause| LedgerError::storage(format!("read issuance record {serial_hex}"), cause))?;
         value.map(|bytes| decode_message(&format!("issuance record {serial_hex}"), &bytes)).transpose()
+    }
+
+    pub(crate) fn kv_get(&self, key: &[u8]) -> Result<Option<KvValue>, LedgerError> {
+        let item = || format!("key-value entry {}", super::command::printable_key(key));
+        let value = self
+            .db
+            .get_pinned_cf(self.cf(CF_KV), key)
+            .map_err(|cause| LedgerError::storage(format!("read {}", item()), cause))?;
+        value.map(|bytes| decode_message(&item(), &bytes)).transpose()
+    }
+
+    /// Returns up to `limit` entries whose keys start with `prefix` and sort
+    /// after `after`, in key order.
+    pub(crate) fn kv_scan(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, KvValue)>, LedgerError> {
+        let start = match after {
+            Some(after) => {
+                let mut start = after.to_vec();
+                start.push(0);
+                start
+            }
+            None => prefix.to_vec(),
+        };
+        let mode = IteratorMode::From(&start, rocksdb::Direction::Forward);
+        let mut entries = Vec::new();
+        for entry in self.db.iterator_cf(self.cf(CF_KV), mode) {
+            let (key, value) = entry.map_err(|cause| LedgerError::storage("scan key-value entries", cause))?;
+            if !key.starts_with(prefix) || entries.len() == limit {
+                break;
+            }
+            let decoded = decode_message(&format!("key-value entry {}", super::command::printable_key(&key)), &value)?;
+            entries.push((key.to_vec(), decoded));
+        }
+        Ok(entries)
     }
 
     pub(crate) fn write(&self, batch: WriteBatch, durability: Durability) -> Result<(), rocksdb::Error> {
@@ -233,6 +279,7 @@ fn load_state(db: &DB, path: &Path, mode: OpenMode) -> Result<LedgerState, Ledge
         latest_ca_version: read_u64(META_LATEST_CA_VERSION)?.unwrap_or(0),
         purge_cutoff: read_u64(META_PURGE_CUTOFF)?.unwrap_or(0),
         issuance_count: read_u64(META_ISSUANCE_COUNT)?.unwrap_or(0),
+        kv_revision: read_u64(META_KV_REVISION)?.unwrap_or(0),
     })
 }
 

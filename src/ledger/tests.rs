@@ -344,7 +344,10 @@ fn purge_drops_expired_buckets() {
 
     // Cutoff is inside the hour of `partial_hour`, which therefore stays.
     let outcome = ledger.apply(&Command::purge_expired(base + HOUR + 20)).expect("purge expired");
-    assert_eq!(outcome.result, CommandResult::ExpiredPurged { cutoff_unix: (base + HOUR) as u64, records_removed: 2 });
+    assert_eq!(
+        outcome.result,
+        CommandResult::ExpiredPurged { cutoff_unix: (base + HOUR) as u64, records_removed: 2, kv_removed: 0 }
+    );
     assert_eq!(ledger.issuance(&serial(1)).expect("read issuance"), None);
     assert_eq!(ledger.issuance(&serial(2)).expect("read issuance"), None);
     assert_eq!(ledger.issuance(&serial(3)).expect("read issuance"), Some(partial_hour));
@@ -352,7 +355,10 @@ fn purge_drops_expired_buckets() {
     assert_eq!(ledger.issuance_count(), 2);
 
     let repeated = ledger.apply(&Command::purge_expired(base)).expect("purge with older cutoff");
-    assert_eq!(repeated.result, CommandResult::ExpiredPurged { cutoff_unix: (base + HOUR) as u64, records_removed: 0 });
+    assert_eq!(
+        repeated.result,
+        CommandResult::ExpiredPurged { cutoff_unix: (base + HOUR) as u64, records_removed: 0, kv_removed: 0 }
+    );
 }
 
 #[test]

@@ -69,6 +69,7 @@ fn bench(c: &mut Criterion) {
 
     let checked = check_csr(&csr, "example.org").expect("valid CSR");
     let request = LeafRequest {
+        usage: sigil::ca::LeafUsage::Svid,
         spki_der: &checked.spki_der,
         key_kind: checked.key_kind,
         spiffe_id: checked.spiffe_id.as_str(),

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building, testing and the demo need on a Debian-based machine: SoftHSM2, protoc,
-# libclang (for RocksDB's bindings), OpenSSL and OpenSC's pkcs11-tool, plus pkilint in a Python
-# virtual environment under the build cache. Safe to run repeatedly; it installs only what is
+# libclang (for RocksDB's bindings), OpenSSL and OpenSC's pkcs11-tool, the ACME clients lego and
+# Pebble's challenge test server, plus pkilint and certbot in a Python virtual environment under
+# the build cache. Safe to run repeatedly; it installs only what is
 # missing.
 set -euo pipefail
 
@@ -16,6 +17,8 @@ command -v pkcs11-tool >/dev/null || missing+=(opensc)
 command -v cc >/dev/null || missing+=(build-essential)
 ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
 python3 -m venv --help >/dev/null 2>&1 || missing+=(python3-venv)
+command -v lego >/dev/null || missing+=(lego)
+command -v pebble-challtestsrv >/dev/null || missing+=(pebble)
 
 if ((${#missing[@]})); then
     echo "install-prereqs: installing ${missing[*]}"
@@ -30,4 +33,9 @@ if [[ ! -x "$venv/bin/lint_pkix_cert" ]]; then
     mkdir -p "$cache_dir"
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check pkilint
+fi
+
+if [[ ! -x "$venv/bin/certbot" ]]; then
+    echo "install-prereqs: installing certbot into $venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check certbot
 fi

@@ -133,11 +133,22 @@ pub struct CaSummary {
     pub key_label: String,
 }
 
+/// What a leaf certificate is for, which decides its names and extended key usages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeafUsage {
+    /// An X509-SVID: a URI SAN with the SPIFFE ID, server and client authentication.
+    Svid,
+    /// A TLS server certificate, as ACME issues: DNS and IP SANs only, server authentication only.
+    TlsServer,
+}
+
 /// A leaf certificate request after every check: the public key and names to certify.
 #[derive(Debug, Clone)]
 pub struct LeafRequest<'a> {
+    pub usage: LeafUsage,
     pub spki_der: &'a [u8],
     pub key_kind: KeyKind,
+    /// The SPIFFE ID of an X509-SVID; empty for a TLS server certificate.
     pub spiffe_id: &'a str,
     pub dns_names: &'a [String],
     pub ip_addresses: &'a [std::net::IpAddr],
@@ -235,14 +246,23 @@ impl IssuingCa {
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         params.not_before = now - self.backdate;
         params.not_after = not_after;
-        params.distinguished_name = leaf_subject(&self.organization, request.dns_names);
         params.subject_alt_names = leaf_subject_alt_names(request)?;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         if request.key_kind.is_rsa() {
             params.key_usages.push(KeyUsagePurpose::KeyEncipherment);
         }
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        match request.usage {
+            LeafUsage::Svid => {
+                params.distinguished_name = leaf_subject(&self.organization, request.dns_names);
+                params.extended_key_usages =
+                    vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+            }
+            LeafUsage::TlsServer => {
+                params.distinguished_name = tls_server_subject(request.dns_names);
+                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            }
+        }
         params.use_authority_key_identifier_extension = true;
         params.key_identifier_method = KeyIdMethod::Sha256;
 
@@ -264,10 +284,25 @@ fn leaf_subject(organization: &str, dns_names: &[String]) -> DistinguishedName {
     name
 }
 
+/// The subject of a TLS server certificate: the first DNS name as common name, or no name at
+/// all when there is none, since the SANs carry the identities.
+fn tls_server_subject(dns_names: &[String]) -> DistinguishedName {
+    let mut name = DistinguishedName::new();
+    if let Some(first) = dns_names.first().filter(|first| first.len() <= 64) {
+        name.push(DnType::CommonName, first.as_str());
+    }
+    name
+}
+
 fn leaf_subject_alt_names(request: &LeafRequest<'_>) -> Result<Vec<SanType>, CaError> {
-    let uri =
-        request.spiffe_id.try_into().map_err(|e| CaError::Build(format!("URI SAN {:?}: {e}", request.spiffe_id)))?;
-    let mut names = vec![SanType::URI(uri)];
+    let mut names = Vec::new();
+    if request.usage == LeafUsage::Svid {
+        let uri = request
+            .spiffe_id
+            .try_into()
+            .map_err(|e| CaError::Build(format!("URI SAN {:?}: {e}", request.spiffe_id)))?;
+        names.push(SanType::URI(uri));
+    }
     for dns in request.dns_names {
         let name = dns.as_str().try_into().map_err(|e| CaError::Build(format!("DNS SAN {dns:?}: {e}")))?;
         names.push(SanType::DnsName(name));

@@ -43,6 +43,9 @@ pub enum Command {
     /// Change the membership of a running cluster.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Manage the ACME server of a running cluster.
+    #[command(subcommand)]
+    Acme(AcmeCommand),
     /// Show the state of a running node.
     Status {
         #[command(flatten)]
@@ -50,6 +53,40 @@ pub enum Command {
         /// Print JSON for scripts instead of a table.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AcmeCommand {
+    /// Manage external account binding keys.
+    #[command(subcommand)]
+    Eab(EabCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EabCommand {
+    /// Create a key and print its key id and MAC key. The MAC key is shown only here.
+    Add {
+        #[command(flatten)]
+        target: Target,
+        /// A note for operators, such as the team the key is for.
+        #[arg(long, default_value = "")]
+        label: String,
+    },
+    /// List the keys, without their MAC keys.
+    List {
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON for scripts instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a key so that it binds no new account.
+    Remove {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        key_id: String,
     },
 }
 
@@ -197,6 +234,14 @@ pub struct DevArgs {
     pub standby: u64,
     #[arg(long, default_value = "example.org")]
     pub trust_domain: String,
+    /// DNS server the ACME servers validate challenges with, such as pebble-challtestsrv's
+    /// address; without it every name resolves to 127.0.0.1. Applies when DIR is created.
+    #[arg(long)]
+    pub acme_resolver: Option<std::net::SocketAddr>,
+    /// Make the ACME servers require an external account binding (`sigil acme eab add`).
+    /// Applies when DIR is created.
+    #[arg(long)]
+    pub acme_eab_required: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -281,6 +326,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Hsm(HsmCommand::CopyCaKey { from, to }) => crate::setup::copy_ca_key(&from, &to),
         Command::Cluster(command) => runtime()?.block_on(crate::client::cluster(command)),
+        Command::Acme(AcmeCommand::Eab(command)) => runtime()?.block_on(crate::client::acme_eab(command)),
         Command::Status { target, json } => runtime()?.block_on(crate::client::status(&target, json)),
     }
 }

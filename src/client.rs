@@ -33,6 +33,9 @@ pub struct NodeEndpoint {
     /// Address of the node's Raft listener.
     #[serde(default)]
     pub raft: String,
+    /// URL of the node's ACME directory, when it serves ACME.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acme: Option<String>,
     /// The node's configuration file.
     #[serde(default)]
     pub config: Option<PathBuf>,
@@ -339,6 +342,62 @@ fn status_json(response: &crate::proto::GetStatusResponse) -> serde_json::Value 
 /// # Errors
 ///
 /// Fails with the node's status message when the request is rejected.
+/// Runs an `acme eab` command against a node.
+///
+/// # Errors
+///
+/// Fails when the node cannot be reached or refuses the request.
+pub async fn acme_eab(command: crate::cli::EabCommand) -> anyhow::Result<()> {
+    use crate::cli::EabCommand;
+    use crate::proto::{CreateAcmeEabKeyRequest, DeleteAcmeEabKeyRequest, ListAcmeEabKeysRequest};
+
+    let rejected = |status: tonic::Status| {
+        anyhow::anyhow!("request rejected by the node: {:?}: {}", status.code(), status.message())
+    };
+    match command {
+        EabCommand::Add { target, label } => {
+            let mut client = AdminClient::new(Connection::from_target(&target)?.connect().await?);
+            let created =
+                client.create_acme_eab_key(CreateAcmeEabKeyRequest { label }).await.map_err(rejected)?.into_inner();
+            println!("key_id: {}", created.key_id);
+            println!("hmac_key: {}", created.hmac_key);
+            eprintln!(
+                "The MAC key is shown only now; give both values to the ACME client (for example lego --eab --kid KEY_ID --hmac HMAC_KEY)."
+            );
+        }
+        EabCommand::List { target, json } => {
+            let mut client = AdminClient::new(Connection::from_target(&target)?.connect().await?);
+            let keys = client.list_acme_eab_keys(ListAcmeEabKeysRequest {}).await.map_err(rejected)?.into_inner().keys;
+            if json {
+                let rows: Vec<serde_json::Value> = keys
+                    .iter()
+                    .map(|key| {
+                        serde_json::json!({
+                            "key_id": key.key_id,
+                            "label": key.label,
+                            "created_unix": key.created_unix,
+                            "account": key.account,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!("{:<30} {:<24} {:<12} ACCOUNT", "KEY ID", "LABEL", "CREATED");
+                for key in &keys {
+                    let account = if key.account.is_empty() { "unused" } else { key.account.as_str() };
+                    println!("{:<30} {:<24} {:<12} {account}", key.key_id, key.label, key.created_unix);
+                }
+            }
+        }
+        EabCommand::Remove { target, key_id } => {
+            let mut client = AdminClient::new(Connection::from_target(&target)?.connect().await?);
+            client.delete_acme_eab_key(DeleteAcmeEabKeyRequest { key_id: key_id.clone() }).await.map_err(rejected)?;
+            println!("removed key {key_id}");
+        }
+    }
+    Ok(())
+}
+
 pub async fn cluster(command: crate::cli::ClusterCommand) -> anyhow::Result<()> {
     use crate::cli::ClusterCommand;
     use crate::proto::{AddNodeRequest, IssueNodeCertificateRequest, RemoveNodeRequest};

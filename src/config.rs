@@ -38,6 +38,9 @@ pub struct Config {
     pub policy: PolicySection,
     #[serde(default)]
     pub raft: RaftSection,
+    /// The ACME server, served when `listen.acme` is set.
+    #[serde(default)]
+    pub acme: AcmeSection,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -52,6 +55,9 @@ pub struct ListenConfig {
     pub raft: SocketAddr,
     /// Address other nodes use to reach this node's Raft listener, when it differs from `raft`.
     pub raft_advertise: Option<String>,
+    /// Address of the HTTPS listener for ACME; no ACME server when unset.
+    #[serde(default)]
+    pub acme: Option<SocketAddr>,
     /// DNS names in the node's own TLS server certificate.
     #[serde(default = "default_tls_dns_names")]
     pub tls_dns_names: Vec<String>,
@@ -148,6 +154,133 @@ pub struct RaftSection {
     /// Entries kept in the log before the latest snapshot for followers that are a little behind.
     #[serde(default = "default_log_entries_kept")]
     pub log_entries_kept: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeSection {
+    /// External URL of this node's ACME server, without a path, such as
+    /// `https://acme.example.net`. Defaults to `https://` and `listen.acme`.
+    pub base_url: Option<String>,
+    pub terms_of_service: Option<String>,
+    pub website: Option<String>,
+    #[serde(default)]
+    pub caa_identities: Vec<String>,
+    /// Require an external account binding in newAccount (`sigil acme eab add` makes keys).
+    #[serde(default)]
+    pub external_account_required: bool,
+    /// DNS identifiers must equal or end in one of these names; empty allows any name.
+    #[serde(default)]
+    pub allowed_dns_suffixes: Vec<String>,
+    /// IP identifiers must lie in one of these networks, such as "10.0.0.0/8"; empty refuses IP
+    /// identifiers.
+    #[serde(default)]
+    pub allowed_ip_ranges: Vec<String>,
+    /// Validity of certificates of the default profile, `tls-server`.
+    #[serde(default = "default_acme_validity", with = "humantime_serde")]
+    pub default_validity: Duration,
+    /// Validity of certificates of the `short-lived` profile.
+    #[serde(default = "default_acme_short_validity", with = "humantime_serde")]
+    pub short_lived_validity: Duration,
+    /// New orders one account may create per hour; 0 means no limit.
+    #[serde(default = "default_orders_per_hour")]
+    pub orders_per_account_per_hour: u32,
+    #[serde(default)]
+    pub validation: AcmeValidationSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeValidationSection {
+    /// Port http-01 validation connects to.
+    #[serde(default = "default_http01_port")]
+    pub http01_port: u16,
+    /// Port tls-alpn-01 validation connects to.
+    #[serde(default = "default_tls_alpn01_port")]
+    pub tls_alpn01_port: u16,
+    /// DNS server for validation lookups, such as "127.0.0.1:8053"; the system resolver when
+    /// unset.
+    pub resolver: Option<SocketAddr>,
+    /// Answer every address lookup with these addresses instead of asking DNS (development only;
+    /// TXT lookups then find nothing).
+    #[serde(default)]
+    pub resolve_to: Vec<IpAddr>,
+    /// Allow validation to connect to loopback, private and link-local addresses.
+    #[serde(default)]
+    pub allow_private_addresses: bool,
+    #[serde(default = "default_validation_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Validations that run at once.
+    #[serde(default = "default_validation_workers")]
+    pub workers: usize,
+    /// Validations that may wait for a worker.
+    #[serde(default = "default_validation_queue")]
+    pub queue: usize,
+}
+
+impl Default for AcmeSection {
+    fn default() -> Self {
+        AcmeSection {
+            base_url: None,
+            terms_of_service: None,
+            website: None,
+            caa_identities: Vec::new(),
+            external_account_required: false,
+            allowed_dns_suffixes: Vec::new(),
+            allowed_ip_ranges: Vec::new(),
+            default_validity: default_acme_validity(),
+            short_lived_validity: default_acme_short_validity(),
+            orders_per_account_per_hour: default_orders_per_hour(),
+            validation: AcmeValidationSection::default(),
+        }
+    }
+}
+
+impl Default for AcmeValidationSection {
+    fn default() -> Self {
+        AcmeValidationSection {
+            http01_port: default_http01_port(),
+            tls_alpn01_port: default_tls_alpn01_port(),
+            resolver: None,
+            resolve_to: Vec::new(),
+            allow_private_addresses: false,
+            timeout: default_validation_timeout(),
+            workers: default_validation_workers(),
+            queue: default_validation_queue(),
+        }
+    }
+}
+
+fn default_acme_validity() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+
+fn default_acme_short_validity() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+
+fn default_orders_per_hour() -> u32 {
+    300
+}
+
+fn default_http01_port() -> u16 {
+    80
+}
+
+fn default_tls_alpn01_port() -> u16 {
+    443
+}
+
+fn default_validation_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_validation_workers() -> usize {
+    16
+}
+
+fn default_validation_queue() -> usize {
+    256
 }
 
 impl Default for RaftSection {
@@ -379,6 +512,38 @@ impl Config {
         self.validate_issuance()?;
         self.validate_policy()?;
         self.validate_raft()?;
+        self.validate_acme()?;
+        Ok(())
+    }
+
+    fn validate_acme(&self) -> Result<(), ConfigError> {
+        let acme = &self.acme;
+        for (key, validity) in
+            [("acme.default_validity", acme.default_validity), ("acme.short_lived_validity", acme.short_lived_validity)]
+        {
+            if validity < Duration::from_secs(3600) || validity > MAX_CONFIGURABLE_TTL {
+                return Err(invalid(key, seconds(validity), "must be between 1 hour and 30 days"));
+            }
+        }
+        for (index, range) in acme.allowed_ip_ranges.iter().enumerate() {
+            sigil_acme::IpRange::parse(range)
+                .map_err(|reason| invalid(format!("acme.allowed_ip_ranges[{index}]"), range, reason))?;
+        }
+        if let Some(url) = &acme.base_url
+            && (!url.starts_with("https://") || url.trim_start_matches("https://").contains('/'))
+        {
+            return Err(invalid("acme.base_url", url, "must be https://HOST[:PORT] without a path"));
+        }
+        if acme.validation.workers == 0 {
+            return Err(invalid("acme.validation.workers", acme.validation.workers, "must be at least 1"));
+        }
+        if acme.validation.timeout.is_zero() || acme.validation.timeout > Duration::from_secs(300) {
+            return Err(invalid(
+                "acme.validation.timeout",
+                seconds(acme.validation.timeout),
+                "must be more than 0 and at most 5 minutes",
+            ));
+        }
         Ok(())
     }
 

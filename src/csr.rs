@@ -92,6 +92,22 @@ pub enum CsrError {
     BadDnsName { name: String, reason: String },
     #[error("CSR has a {kind} SAN {value:?}; an X509-SVID may carry only one URI SAN and DNS names")]
     UnsupportedSan { kind: &'static str, value: String },
+    #[error("CSR has a {kind} SAN {value:?}; a TLS server certificate may carry only DNS names and IP addresses")]
+    UnsupportedTlsSan { kind: &'static str, value: String },
+    #[error("CSR names no DNS name or IP address")]
+    NoNames,
+}
+
+/// A TLS server CSR, as ACME finalize sends, that passed every check that does
+/// not depend on the order.
+#[derive(Debug, Clone)]
+pub struct CheckedTlsCsr {
+    pub spki_der: Vec<u8>,
+    pub key_kind: KeyKind,
+    /// DNS names from the SANs and the subject common name, lower case, sorted, without
+    /// duplicates.
+    pub dns_names: Vec<String>,
+    pub ip_addresses: Vec<std::net::IpAddr>,
 }
 
 /// Runs every caller-independent check on `input`, which may be DER or PEM.
@@ -100,6 +116,95 @@ pub enum CsrError {
 ///
 /// Returns the first failed check.
 pub fn check_csr(input: &[u8], trust_domain: &str) -> Result<CheckedCsr, CsrError> {
+    let der = checked_der(input)?;
+    let (csr, key_kind) = parse_and_verify(&der)?;
+    let (spiffe_id, dns_names) = requested_names(&csr, trust_domain)?;
+    Ok(CheckedCsr { spki_der: csr.certification_request_info.subject_pki.raw.to_vec(), key_kind, spiffe_id, dns_names })
+}
+
+/// Runs the same size, key and signature checks as [`check_csr`] on a TLS server CSR, and takes
+/// its DNS names and IP addresses. URI and other SAN types are refused.
+///
+/// # Errors
+///
+/// Returns the first failed check.
+pub fn check_tls_csr(input: &[u8]) -> Result<CheckedTlsCsr, CsrError> {
+    let der = checked_der(input)?;
+    let (csr, key_kind) = parse_and_verify(&der)?;
+    let mut dns_names = Vec::new();
+    let mut ip_addresses = Vec::new();
+    for extension in csr.requested_extensions().into_iter().flatten() {
+        match extension {
+            ParsedExtension::SubjectAlternativeName(san) => {
+                for name in &san.general_names {
+                    collect_tls_name(name, &mut dns_names, &mut ip_addresses)?;
+                }
+            }
+            ParsedExtension::ParseError { error } => {
+                return Err(CsrError::BadExtensions { reason: error.to_string() });
+            }
+            _ => {}
+        }
+    }
+    for common_name in csr.certification_request_info.subject.iter_common_name() {
+        let value = common_name.as_str().map_err(|e| CsrError::Der { reason: format!("subject common name: {e}") })?;
+        match value.parse::<std::net::IpAddr>() {
+            Ok(address) => ip_addresses.push(address),
+            Err(_) => dns_names.push(value.to_owned()),
+        }
+    }
+    for name in &mut dns_names {
+        *name = name.trim_end_matches('.').to_ascii_lowercase();
+        let base = name.strip_prefix("*.").unwrap_or(name);
+        check_dns_name(base).map_err(|reason| CsrError::BadDnsName { name: name.clone(), reason })?;
+    }
+    dns_names.sort();
+    dns_names.dedup();
+    ip_addresses.sort();
+    ip_addresses.dedup();
+    if dns_names.is_empty() && ip_addresses.is_empty() {
+        return Err(CsrError::NoNames);
+    }
+    Ok(CheckedTlsCsr {
+        spki_der: csr.certification_request_info.subject_pki.raw.to_vec(),
+        key_kind,
+        dns_names,
+        ip_addresses,
+    })
+}
+
+fn collect_tls_name(
+    name: &GeneralName<'_>,
+    dns_names: &mut Vec<String>,
+    ip_addresses: &mut Vec<std::net::IpAddr>,
+) -> Result<(), CsrError> {
+    match name {
+        GeneralName::DNSName(dns) => dns_names.push((*dns).to_owned()),
+        GeneralName::IPAddress(bytes) => ip_addresses.push(ip_from_bytes(bytes)?),
+        GeneralName::URI(uri) => {
+            return Err(CsrError::UnsupportedTlsSan { kind: "URI", value: (*uri).to_owned() });
+        }
+        GeneralName::RFC822Name(email) => {
+            return Err(CsrError::UnsupportedTlsSan { kind: "email", value: (*email).to_owned() });
+        }
+        other => return Err(CsrError::UnsupportedTlsSan { kind: "other", value: format!("{other:?}") }),
+    }
+    Ok(())
+}
+
+fn ip_from_bytes(bytes: &[u8]) -> Result<std::net::IpAddr, CsrError> {
+    match bytes.len() {
+        4 => Ok(std::net::IpAddr::from(<[u8; 4]>::try_from(bytes).expect("length checked"))),
+        16 => Ok(std::net::IpAddr::from(<[u8; 16]>::try_from(bytes).expect("length checked"))),
+        len => Err(CsrError::UnsupportedTlsSan {
+            kind: "IP address",
+            value: format!("{} ({len} bytes, expected 4 or 16)", hex::encode(bytes)),
+        }),
+    }
+}
+
+/// Checks the size and decodes PEM if the input is PEM.
+fn checked_der(input: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, CsrError> {
     if input.is_empty() {
         return Err(CsrError::Empty);
     }
@@ -107,18 +212,19 @@ pub fn check_csr(input: &[u8], trust_domain: &str) -> Result<CheckedCsr, CsrErro
         return Err(CsrError::TooLarge { size: input.len() });
     }
 
-    let der = decode_pem_if_present(input)?;
-    let (rest, csr) = X509CertificationRequest::from_der(&der).map_err(|e| CsrError::Der { reason: e.to_string() })?;
+    decode_pem_if_present(input)
+}
+
+/// Parses the request, checks its key type and size, then its self-signature.
+fn parse_and_verify(der: &[u8]) -> Result<(X509CertificationRequest<'_>, KeyKind), CsrError> {
+    let (rest, csr) = X509CertificationRequest::from_der(der).map_err(|e| CsrError::Der { reason: e.to_string() })?;
     if !rest.is_empty() {
         return Err(CsrError::Der { reason: format!("{} trailing bytes after the request", rest.len()) });
     }
-
     let info = &csr.certification_request_info;
     let key_kind = classify_key(info.subject_pki.algorithm.algorithm.clone(), &info.subject_pki)?;
     verify_signature(&csr, key_kind)?;
-    let (spiffe_id, dns_names) = requested_names(&csr, trust_domain)?;
-
-    Ok(CheckedCsr { spki_der: info.subject_pki.raw.to_vec(), key_kind, spiffe_id, dns_names })
+    Ok((csr, key_kind))
 }
 
 fn decode_pem_if_present(input: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, CsrError> {

@@ -18,8 +18,8 @@ use tracing::{info, warn};
 use crate::cli::DevArgs;
 use crate::client::{Connection, Endpoints, NodeEndpoint};
 use crate::config::{
-    AuditSection, CaSection, CallerPolicy, Config, HsmSection, IssuanceSection, ListenConfig, LogSection, PolicyMode,
-    PolicySection, RaftSection,
+    AcmeSection, AcmeValidationSection, AuditSection, CaSection, CallerPolicy, Config, HsmSection, IssuanceSection,
+    ListenConfig, LogSection, PolicyMode, PolicySection, RaftSection,
 };
 use crate::policy::DnsPattern;
 use crate::setup::write_private;
@@ -48,7 +48,8 @@ pub async fn run(args: &DevArgs) -> anyhow::Result<()> {
     check_trust_domain(&args.trust_domain).context("invalid --trust-domain")?;
     std::fs::create_dir_all(&args.dir).with_context(|| format!("create {}", args.dir.display()))?;
     let dir = std::fs::canonicalize(&args.dir).with_context(|| format!("resolve {}", args.dir.display()))?;
-    let layout = Layout { dir: dir.clone() };
+    let acme = DevAcme { resolver: args.acme_resolver, eab_required: args.acme_eab_required };
+    let layout = Layout { dir: dir.clone(), acme };
 
     let total = args.nodes + args.standby;
     let configs = layout.ensure_cluster(total, &args.trust_domain)?;
@@ -90,6 +91,7 @@ fn endpoint(config: &Config) -> NodeEndpoint {
         grpc: config.listen.grpc.to_string(),
         metrics: config.listen.metrics.to_string(),
         raft: config.raft_address(),
+        acme: config.listen.acme.map(|address| format!("https://{address}/acme/directory")),
         config: config_path_of(config),
     }
 }
@@ -100,6 +102,14 @@ fn config_path_of(config: &Config) -> Option<PathBuf> {
 
 struct Layout {
     dir: PathBuf,
+    acme: DevAcme,
+}
+
+/// ACME choices of `sigil dev` that go into each node's configuration.
+#[derive(Debug, Clone, Default)]
+struct DevAcme {
+    resolver: Option<SocketAddr>,
+    eab_required: bool,
 }
 
 impl Layout {
@@ -172,7 +182,8 @@ impl Layout {
         write_private(&node_dir.join("pin"), random_secret().as_bytes())?;
         write_private(&node_dir.join("so-pin"), random_secret().as_bytes())?;
         let config_path = node_dir.join("sigil.toml");
-        std::fs::write(&config_path, node_config(id, trust_domain, &node_dir)?).context("write node config")?;
+        std::fs::write(&config_path, node_config(id, trust_domain, &node_dir, &self.acme)?)
+            .context("write node config")?;
         let config_arg = config_path.to_string_lossy().into_owned();
         let so_pin = node_dir.join("so-pin").to_string_lossy().into_owned();
         self.run_step(&["hsm", "init-token", "--config", &config_arg, "--so-pin-file", &so_pin])?;
@@ -319,7 +330,7 @@ impl Layout {
     }
 }
 
-fn node_config(id: u64, trust_domain: &str, node_dir: &Path) -> anyhow::Result<String> {
+fn node_config(id: u64, trust_domain: &str, node_dir: &Path, acme: &DevAcme) -> anyhow::Result<String> {
     let dns_pattern = format!("**.{trust_domain}");
     let allowed_dns_names = if DnsPattern::parse(&dns_pattern).is_ok() { vec![dns_pattern] } else { Vec::new() };
     let admin = CallerPolicy {
@@ -341,6 +352,7 @@ fn node_config(id: u64, trust_domain: &str, node_dir: &Path) -> anyhow::Result<S
             metrics: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
             raft: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
             raft_advertise: None,
+            acme: Some(SocketAddr::from(([127, 0, 0, 1], free_port()?))),
             tls_dns_names: vec!["localhost".to_owned()],
             tls_ip_addresses: vec![IpAddr::from([127, 0, 0, 1])],
         },
@@ -364,9 +376,30 @@ fn node_config(id: u64, trust_domain: &str, node_dir: &Path) -> anyhow::Result<S
         log: LogSection::default(),
         policy: PolicySection { mode: PolicyMode::Enforce, callers: vec![admin] },
         raft: RaftSection::default(),
+        acme: dev_acme_section(acme),
     };
     config.validate()?;
     Ok(format!("# Dev node {id}, written by `sigil dev`.\n{}", toml::to_string_pretty(&config)?))
+}
+
+/// ACME for local clients: challenges are validated on loopback at Pebble's ports (http-01 on
+/// 5002, tls-alpn-01 on 5001), every name resolves to 127.0.0.1 unless a resolver is given, and
+/// loopback IP identifiers are allowed.
+fn dev_acme_section(acme: &DevAcme) -> AcmeSection {
+    let resolve_to = if acme.resolver.is_some() { Vec::new() } else { vec![IpAddr::from([127, 0, 0, 1])] };
+    AcmeSection {
+        allowed_ip_ranges: vec!["127.0.0.0/8".to_owned(), "::1".to_owned()],
+        external_account_required: acme.eab_required,
+        validation: AcmeValidationSection {
+            http01_port: 5002,
+            tls_alpn01_port: 5001,
+            resolver: acme.resolver,
+            resolve_to,
+            allow_private_addresses: true,
+            ..AcmeValidationSection::default()
+        },
+        ..AcmeSection::default()
+    }
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -433,6 +466,9 @@ fn print_summary(dir: &Path, endpoints: &Endpoints) {
     println!("Sigil dev deployment is running (trust domain {}).", endpoints.trust_domain);
     for node in &endpoints.nodes {
         println!("  node {}: gRPC {}  metrics http://{}/metrics", node.id, node.grpc, node.metrics);
+        if let Some(acme) = &node.acme {
+            println!("          ACME {acme}");
+        }
     }
     println!("  endpoints: {}", dir.join("endpoints.json").display());
     println!("  trust bundle: {}", dir.join("bundle.pem").display());

@@ -9,9 +9,11 @@ use crate::issuance::{Issuance, IssueError, RequestContext};
 use crate::proto::admin_server::Admin;
 use crate::proto::issuer_server::Issuer;
 use crate::proto::{
-    AddNodeRequest, CaStatus, GetStatusRequest, GetStatusResponse, GetTrustBundleRequest, GetTrustBundleResponse,
-    HsmStatus, IssueNodeCertificateRequest, IssueNodeCertificateResponse, MembershipResponse, NodeStatus,
-    RemoveNodeRequest, SignX509SvidRequest, SignX509SvidResponse,
+    AcmeEabKey, AddNodeRequest, CaStatus, CreateAcmeEabKeyRequest, CreateAcmeEabKeyResponse, DeleteAcmeEabKeyRequest,
+    DeleteAcmeEabKeyResponse, GetStatusRequest, GetStatusResponse, GetTrustBundleRequest, GetTrustBundleResponse,
+    HsmStatus, IssueNodeCertificateRequest, IssueNodeCertificateResponse, ListAcmeEabKeysRequest,
+    ListAcmeEabKeysResponse, MembershipResponse, NodeStatus, RemoveNodeRequest, SignX509SvidRequest,
+    SignX509SvidResponse,
 };
 use crate::replica::MembershipError;
 use crate::tls::caller_spiffe_id;
@@ -175,6 +177,16 @@ impl AdminService {
     }
 }
 
+/// Maps an ACME problem from an administrative call to its gRPC status.
+fn problem_status(problem: sigil_acme::Problem) -> Status {
+    match problem.status {
+        404 => Status::not_found(problem.detail),
+        400 => Status::invalid_argument(problem.detail),
+        503 => Status::unavailable(problem.detail),
+        _ => Status::internal(problem.detail),
+    }
+}
+
 /// Maps a membership error to its gRPC status.
 fn membership_status(error: &MembershipError) -> Status {
     let message = error.to_string();
@@ -275,6 +287,52 @@ impl Admin for AdminService {
         let mut certificates = vec![leaf.der];
         certificates.extend(chain.intermediates_der.iter().cloned());
         Ok(Response::new(IssueNodeCertificateResponse { chain: certificates, roots: chain.roots_der.clone() }))
+    }
+
+    async fn create_acme_eab_key(
+        &self,
+        request: Request<CreateAcmeEabKeyRequest>,
+    ) -> Result<Response<CreateAcmeEabKeyResponse>, Status> {
+        let (request_id, caller) = self.admin(&request)?;
+        let label = request.into_inner().label;
+        let store = crate::acme::LedgerStore::new(Arc::clone(self.issuance.replica()));
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let created = sigil_acme::eab::create(&store, &label, now).await.map_err(problem_status)?;
+        tracing::info!(request_id, %caller, key_id = %created.key_id, "ACME external account binding key created");
+        Ok(Response::new(CreateAcmeEabKeyResponse { key_id: created.key_id, hmac_key: created.hmac_key }))
+    }
+
+    async fn list_acme_eab_keys(
+        &self,
+        request: Request<ListAcmeEabKeysRequest>,
+    ) -> Result<Response<ListAcmeEabKeysResponse>, Status> {
+        self.admin(&request)?;
+        self.issuance.replica().sync_read().await.map_err(|error| Status::unavailable(error.to_string()))?;
+        let store = crate::acme::LedgerStore::new(Arc::clone(self.issuance.replica()));
+        let keys = sigil_acme::eab::list(&store).map_err(problem_status)?;
+        let keys = keys
+            .into_iter()
+            .map(|key| AcmeEabKey {
+                key_id: key.key_id.clone(),
+                label: key.label.clone(),
+                created_unix: key.created_unix,
+                account: key.account.clone().map(|id| format!("/acme/account/{id}")).unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(ListAcmeEabKeysResponse { keys }))
+    }
+
+    async fn delete_acme_eab_key(
+        &self,
+        request: Request<DeleteAcmeEabKeyRequest>,
+    ) -> Result<Response<DeleteAcmeEabKeyResponse>, Status> {
+        let (request_id, caller) = self.admin(&request)?;
+        let key_id = request.into_inner().key_id;
+        self.issuance.replica().sync_read().await.map_err(|error| Status::unavailable(error.to_string()))?;
+        let store = crate::acme::LedgerStore::new(Arc::clone(self.issuance.replica()));
+        sigil_acme::eab::remove(&store, &key_id).await.map_err(problem_status)?;
+        tracing::info!(request_id, %caller, key_id, "ACME external account binding key removed");
+        Ok(Response::new(DeleteAcmeEabKeyResponse {}))
     }
 
     async fn get_status(&self, request: Request<GetStatusRequest>) -> Result<Response<GetStatusResponse>, Status> {

@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 use tracing::{info, warn};
 
 use crate::audit::{AuditEvent, AuditLog, Decision};
-use crate::ca::{CaError, IssuedLeaf, IssuingCa, LeafRequest};
+use crate::ca::{CaError, IssuedLeaf, IssuingCa, LeafRequest, LeafUsage};
 use crate::config::PolicyMode;
 use crate::csr::{CsrError, check_csr};
 use crate::ledger::{IssuanceRecord, Ledger, LedgerError};
@@ -23,6 +23,24 @@ pub const PROFILE_X509_SVID: &str = "x509-svid";
 pub const PROFILE_NODE_TLS: &str = "node-tls";
 /// Profile name of client credentials issued offline by `sigil ca issue-client`.
 pub const PROFILE_CLIENT_BOOTSTRAP: &str = "client-bootstrap";
+
+/// Profile name of ACME TLS server certificates with the directory's default validity.
+pub const PROFILE_TLS_SERVER: &str = "tls-server";
+/// Profile name of ACME TLS server certificates with a short validity.
+pub const PROFILE_SHORT_LIVED: &str = "short-lived";
+
+/// A TLS server certificate request from ACME, after the ACME server matched the CSR's names
+/// against the order's validated identifiers.
+#[derive(Debug, Clone)]
+pub struct TlsServerRequest<'a> {
+    pub request_id: &'a str,
+    pub csr_der: &'a [u8],
+    /// The profile name, recorded with the certificate.
+    pub profile: &'a str,
+    pub ttl: Duration,
+    /// The ACME account URL, recorded as the requester.
+    pub account: &'a str,
+}
 
 /// Failure of an issuance request. `grpc::status_from` maps each variant to a gRPC status.
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +202,7 @@ impl Issuance {
         self.apply_policy(&request, event)?;
 
         let leaf_request = LeafRequest {
+            usage: LeafUsage::Svid,
             spki_der: &checked.spki_der,
             key_kind: checked.key_kind,
             spiffe_id: checked.spiffe_id.as_str(),
@@ -194,6 +213,63 @@ impl Issuance {
         let leaf = self.sign_blocking(&leaf_request).await?;
         self.record(&leaf, checked.spiffe_id.as_str(), caller.as_str(), PROFILE_X509_SVID).await?;
 
+        let chain = self.ca.chain();
+        Ok(IssuedSvid { leaf, intermediates_der: chain.intermediates_der.clone(), roots_der: chain.roots_der.clone() })
+    }
+
+    /// Signs a TLS server certificate for an ACME order and records it. Writes exactly one audit
+    /// event.
+    ///
+    /// # Errors
+    ///
+    /// See [`IssueError`]; a refused request writes no issuance record.
+    pub async fn issue_tls_server(&self, request: &TlsServerRequest<'_>) -> Result<IssuedSvid, IssueError> {
+        let started = Instant::now();
+        let mut event = AuditEvent::new(self.settings.node_id, request.request_id, request.profile, Decision::Issued);
+        event.caller = Some(request.account.to_owned());
+        event.ttl_seconds = Some(request.ttl.as_secs());
+        let result = self.issue_tls_server_steps(request, &mut event).await;
+        match &result {
+            Ok(issued) => {
+                record_issued(&mut event, &issued.leaf);
+                self.metrics.issued.with_label_values(&[request.profile, "issued"]).inc();
+                self.metrics
+                    .issuance_seconds
+                    .with_label_values(&[request.profile])
+                    .observe(started.elapsed().as_secs_f64());
+            }
+            Err(error) => {
+                let code = crate::grpc::code_name(crate::grpc::status_from(error).code());
+                event.decision = Decision::Refused;
+                event.status = Some(code.to_owned());
+                event.reason = Some(error.to_string());
+                self.metrics.issued.with_label_values(&[request.profile, code]).inc();
+                info!(request_id = %request.request_id, account = %request.account, %error, "ACME certificate request rejected");
+            }
+        }
+        self.audit.log(event);
+        result
+    }
+
+    async fn issue_tls_server_steps(
+        &self,
+        request: &TlsServerRequest<'_>,
+        event: &mut AuditEvent,
+    ) -> Result<IssuedSvid, IssueError> {
+        self.check_ca_valid()?;
+        let checked = crate::csr::check_tls_csr(request.csr_der)?;
+        event.dns_names = checked.dns_names.clone();
+        let leaf_request = LeafRequest {
+            usage: LeafUsage::TlsServer,
+            spki_der: &checked.spki_der,
+            key_kind: checked.key_kind,
+            spiffe_id: "",
+            dns_names: &checked.dns_names,
+            ip_addresses: &checked.ip_addresses,
+            ttl: request.ttl,
+        };
+        let leaf = self.sign_blocking(&leaf_request).await?;
+        self.record(&leaf, "", request.account, request.profile).await?;
         let chain = self.ca.chain();
         Ok(IssuedSvid { leaf, intermediates_der: chain.intermediates_der.clone(), roots_der: chain.roots_der.clone() })
     }
@@ -249,10 +325,11 @@ impl Issuance {
         let spiffe_id = request.spiffe_id.to_owned();
         let dns_names = request.dns_names.to_vec();
         let ip_addresses = request.ip_addresses.to_vec();
-        let (key_kind, ttl) = (request.key_kind, request.ttl);
+        let (usage, key_kind, ttl) = (request.usage, request.key_kind, request.ttl);
 
         let signed = tokio::task::spawn_blocking(move || {
             let request = LeafRequest {
+                usage,
                 spki_der: &spki,
                 key_kind,
                 spiffe_id: &spiffe_id,
@@ -302,8 +379,15 @@ impl Issuance {
         ip_addresses: &[std::net::IpAddr],
         ttl: Duration,
     ) -> Result<IssuedLeaf, IssueError> {
-        let request =
-            LeafRequest { spki_der, key_kind: crate::csr::KeyKind::EcP256, spiffe_id, dns_names, ip_addresses, ttl };
+        let request = LeafRequest {
+            usage: LeafUsage::Svid,
+            spki_der,
+            key_kind: crate::csr::KeyKind::EcP256,
+            spiffe_id,
+            dns_names,
+            ip_addresses,
+            ttl,
+        };
         let leaf = self.sign_blocking(&request).await?;
         self.record(&leaf, spiffe_id, spiffe_id, profile).await?;
         let request_id = format!("{profile}-{:016x}", rand::random::<u64>());

@@ -4,6 +4,7 @@
 //! that never leaves its PKCS#11 HSM, commits the issuance record through the cluster's Raft
 //! leader, and only then responds. See README.md for a walk-through and docs/ for operations.
 
+pub mod acme;
 pub mod audit;
 pub mod ca;
 pub mod cli;

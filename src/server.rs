@@ -195,6 +195,14 @@ async fn serve_node(config: Config) -> anyhow::Result<()> {
     let purge = tokio::spawn(
         purge_expired_records(Arc::clone(&replica), config.issuance.retention, shutdown_rx.clone()).in_current_span(),
     );
+    let acme = crate::acme::serve(
+        &config,
+        Arc::clone(&replica),
+        Arc::clone(&issuance),
+        Arc::clone(&resolver),
+        shutdown_rx.clone(),
+    )
+    .await?;
     let renewal = tokio::spawn(
         renew_node_certificate(
             config.clone(),
@@ -241,6 +249,9 @@ async fn serve_node(config: Config) -> anyhow::Result<()> {
     }
     if let Err(error) = http.await.context("metrics task")? {
         error!(%error, "metrics server stopped with an error");
+    }
+    if let Some(acme) = acme {
+        acme.abort();
     }
     renewal.abort();
     purge.abort();

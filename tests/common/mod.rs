@@ -181,6 +181,10 @@ impl TestDeployment {
                 grpc: listen["grpc"].as_str().expect("grpc address").to_owned(),
                 metrics: listen["metrics"].as_str().expect("metrics address").to_owned(),
                 raft: listen["raft"].as_str().expect("raft address").to_owned(),
+                acme: listen
+                    .get("acme")
+                    .and_then(|address| address.as_str())
+                    .map(|address| format!("https://{address}/acme/directory")),
                 config: Some(self.config_path()),
             }],
             standby: Vec::new(),

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Installs what building, testing and the demo need on a Debian-based machine: SoftHSM2, protoc,
-# libclang (for RocksDB's bindings), OpenSSL and OpenSC's pkcs11-tool, the ACME clients lego and
-# Pebble's challenge test server, plus pkilint and certbot in a Python virtual environment under
-# the build cache. Safe to run repeatedly; it installs only what is
-# missing.
+# libclang (for RocksDB's bindings), OpenSSL, OpenSC's pkcs11-tool, nftables (for the network
+# partition test), the ACME clients lego and Pebble's challenge test server, plus pkilint and
+# certbot in a Python virtual environment under the build cache. Safe to run repeatedly; it
+# installs only what is missing.
 set -euo pipefail
 
 cache_dir="${SIGIL_CACHE_DIR:-$HOME/.cache/sigil}"
@@ -14,6 +14,7 @@ command -v softhsm2-util >/dev/null || missing+=(softhsm2)
 command -v protoc >/dev/null || missing+=(protobuf-compiler)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v pkcs11-tool >/dev/null || missing+=(opensc)
+command -v nft >/dev/null || [[ -x /usr/sbin/nft ]] || missing+=(nftables)
 command -v cc >/dev/null || missing+=(build-essential)
 ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
 python3 -m venv --help >/dev/null 2>&1 || missing+=(python3-venv)

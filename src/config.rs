@@ -58,6 +58,9 @@ pub struct ListenConfig {
     /// Address of the HTTPS listener for ACME; no ACME server when unset.
     #[serde(default)]
     pub acme: Option<SocketAddr>,
+    /// Local IP address that this node's connections to other nodes' Raft listeners bind to. When
+    /// it is not set, the operating system chooses the source address from its routes.
+    pub raft_source: Option<IpAddr>,
     /// DNS names in the node's own TLS server certificate.
     #[serde(default = "default_tls_dns_names")]
     pub tls_dns_names: Vec<String>,
@@ -511,6 +514,7 @@ impl Config {
         self.validate_ca()?;
         self.validate_issuance()?;
         self.validate_policy()?;
+        self.validate_listen()?;
         self.validate_raft()?;
         self.validate_acme()?;
         Ok(())
@@ -542,6 +546,19 @@ impl Config {
                 "acme.validation.timeout",
                 seconds(acme.validation.timeout),
                 "must be more than 0 and at most 5 minutes",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_listen(&self) -> Result<(), ConfigError> {
+        if let Some(source) = self.listen.raft_source
+            && (source.is_unspecified() || source.is_multicast())
+        {
+            return Err(invalid(
+                "listen.raft_source",
+                source,
+                "must be an address of this host, or leave the key out to let the operating system choose",
             ));
         }
         Ok(())
@@ -837,6 +854,13 @@ max_ttl = "2h"
             ("dns pattern", r#"["*.example.org"]"#, r#"["a.*.example.org"]"#, "allowed_dns_names", "a.*.example.org"),
             ("max ttl", r#"max_ttl = "2h""#, r#"max_ttl = "90days""#, "max_ttl", "7776000s"),
             ("both pins", r#"pin_env = "SIGIL_HSM_PIN""#, "pin_env = \"X\"\npin_file = \"/x\"", "hsm.pin_env", "X"),
+            (
+                "raft source",
+                r#"raft = "127.0.0.1:8444""#,
+                "raft = \"127.0.0.1:8444\"\nraft_source = \"0.0.0.0\"",
+                "listen.raft_source",
+                "0.0.0.0",
+            ),
         ];
         for (name, from, to, key, value) in cases {
             let text = VALID.replacen(from, to, 1);
@@ -845,6 +869,15 @@ max_ttl = "2h"
             assert!(error.contains(key), "{name}: {error:?} lacks key {key:?}");
             assert!(error.contains(value), "{name}: {error:?} lacks value {value:?}");
         }
+    }
+
+    #[test]
+    fn raft_source_is_optional() {
+        assert_eq!(parse(VALID).expect("valid").listen.raft_source, None);
+        let text =
+            VALID.replacen("raft = \"127.0.0.1:8444\"", "raft = \"127.0.1.2:8444\"\nraft_source = \"127.0.1.2\"", 1);
+        let config = parse(&text).expect("valid with raft_source");
+        assert_eq!(config.listen.raft_source, Some(IpAddr::from([127, 0, 1, 2])));
     }
 
     #[test]

@@ -343,18 +343,21 @@ fn node_config(id: u64, trust_domain: &str, node_dir: &Path, acme: &DevAcme) -> 
         rate_burst: 100_000,
         admin: true,
     };
+    let localhost = IpAddr::from([127, 0, 0, 1]);
+    let raft_ip = raft_loopback_address(id)?;
     let config = Config {
         node_id: id,
         trust_domain: trust_domain.to_owned(),
         data_dir: node_dir.join("data"),
         listen: ListenConfig {
-            grpc: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
-            metrics: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
-            raft: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+            grpc: SocketAddr::new(localhost, free_port(localhost)?),
+            metrics: SocketAddr::new(localhost, free_port(localhost)?),
+            raft: SocketAddr::new(raft_ip, free_port(raft_ip)?),
             raft_advertise: None,
-            acme: Some(SocketAddr::from(([127, 0, 0, 1], free_port()?))),
+            raft_source: Some(raft_ip),
+            acme: Some(SocketAddr::new(localhost, free_port(localhost)?)),
             tls_dns_names: vec!["localhost".to_owned()],
-            tls_ip_addresses: vec![IpAddr::from([127, 0, 0, 1])],
+            tls_ip_addresses: vec![localhost],
         },
         hsm: HsmSection {
             module: SOFTHSM_MODULE.into(),
@@ -402,9 +405,18 @@ fn dev_acme_section(acme: &DevAcme) -> AcmeSection {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("find a free port on 127.0.0.1")?;
+fn free_port(ip: IpAddr) -> anyhow::Result<u16> {
+    let listener = TcpListener::bind((ip, 0)).with_context(|| format!("find a free port on {ip}"))?;
     Ok(listener.local_addr()?.port())
+}
+
+/// Returns 127.0.1.ID, the loopback address of node `id`'s Raft listener and of its connections to
+/// the other nodes. With one address per node, firewall rules can cut the Raft traffic between
+/// chosen nodes, as the partition test in tests/cluster.rs does. Linux routes all of 127.0.0.0/8 to
+/// the loopback device.
+fn raft_loopback_address(id: u64) -> anyhow::Result<IpAddr> {
+    let last = u8::try_from(id).with_context(|| format!("node ID {id} is too large for a dev deployment"))?;
+    Ok(IpAddr::from([127, 0, 1, last]))
 }
 
 /// Returns a random secret of 32 hex digits.

@@ -108,6 +108,12 @@ async fn serve_node(config: Config) -> anyhow::Result<()> {
     let raft_listener = TcpListener::bind(config.listen.raft)
         .await
         .with_context(|| format!("bind Raft listener {}", config.listen.raft))?;
+    if let Some(source) = config.listen.raft_source {
+        // Every connection to a peer binds to this address, so an address this host does not have
+        // stops the node here instead of failing each connection later.
+        std::net::TcpListener::bind((source, 0))
+            .with_context(|| format!("bind to listen.raft_source {source}, which must be an address of this host"))?;
+    }
     let mut raft_listener = Some(raft_listener);
     let mut raft_server = None;
     let mut resolver = None;
@@ -295,7 +301,15 @@ fn open_replica(
     let tls: Arc<dyn sigil_raft::PeerTls> = Arc::clone(peer_tls) as Arc<dyn sigil_raft::PeerTls>;
     let runtime = tokio::runtime::Handle::current();
     let (replica, transport) = Replica::open_with(&ReplicaSettings::from_config(config), false, |snapshots| {
-        GrpcTransport::new(config.node_id, config.raft_address(), tls, snapshots, runtime, on_peer_error)
+        GrpcTransport::new(
+            config.node_id,
+            config.raft_address(),
+            config.listen.raft_source,
+            tls,
+            snapshots,
+            runtime,
+            on_peer_error,
+        )
     })?;
     transport.attach(replica.handle().clone());
     Ok((replica, transport))

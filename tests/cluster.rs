@@ -1,6 +1,6 @@
 //! Cluster failures with real processes: a killed leader, a full restart, membership changes
-//! under load, and a follower that catches up from a snapshot. Each test runs its own
-//! `sigil dev` cluster on loopback in a temporary folder.
+//! under load, a follower that catches up from a snapshot, network partitions and a full disk.
+//! Each test runs its own `sigil dev` cluster on loopback in a temporary folder.
 
 #[path = "common/cluster.rs"]
 mod cluster_harness;
@@ -10,11 +10,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cluster_harness::{CLUSTER_TESTS, DevCluster, Load, metric_value, summarize, tail_text};
+use cluster_harness::{CLUSTER_TESTS, DevCluster, Load, LoadReport, Partition, metric_value, summarize, tail_text};
 use sigil::ledger::Ledger;
 use sigil::proto::admin_client::AdminClient;
 use sigil::proto::issuer_client::IssuerClient;
-use sigil::proto::{AddNodeRequest, RemoveNodeRequest, SignX509SvidRequest};
+use sigil::proto::{AddNodeRequest, NodeStatus, RemoveNodeRequest, SignX509SvidRequest};
 
 /// Maximum pause in issuance that a leader failure or a membership change may cause.
 const MAX_PAUSE: Duration = Duration::from_secs(3);
@@ -488,4 +488,209 @@ async fn full_disk_halts_node_then_recovers() {
     assert_eq!(totals.len(), 1, "the repaired node caught up: {:#?}", summarize(&statuses));
     assert!(cluster.stop(STOP_GRACE).await, "the cluster stops cleanly");
     assert_eq!(cluster.panics(&ids), BTreeMap::new(), "node logs with a panic");
+}
+
+/// Time each side of a partition may take to settle: the majority elects a leader, and the minority
+/// nodes drop the leader they knew. Both take a few seconds with the default Raft settings (an
+/// election timeout of 1 to 2 s), so most of the limit is room for a machine shared with other work.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time a partition lasts after both sides settled, with the load running.
+const PARTITION_HOLD: Duration = Duration::from_secs(6);
+/// Time one request to a minority node may take. A node returns its own error after its 5 s commit
+/// timeout at the latest.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partition_two_against_three_heals() {
+    let _serial = CLUSTER_TESTS.lock().await;
+    if let Some(reason) = Partition::unsupported() {
+        eprintln!("SKIPPED partition_two_against_three_heals: {reason}");
+        return;
+    }
+    let mut cluster = DevCluster::start(5, 0).await;
+    let ids = [1, 2, 3, 4, 5];
+
+    let leader = cluster.leader(&ids, READY_TIMEOUT).await;
+    let partner = ids.into_iter().find(|id| *id != leader).expect("a follower");
+    let first = partition_round(&cluster, &ids, [leader, partner]).await;
+    check_round(&first, "first");
+
+    // The second cut leaves the current leader with a node of the first majority, so the new
+    // majority contains both nodes that were cut off before.
+    let leader = cluster.leader(&ids, READY_TIMEOUT).await;
+    let partner = first.majority.iter().copied().find(|id| *id != leader).expect("a follower of the first majority");
+    let second = partition_round(&cluster, &ids, [leader, partner]).await;
+    check_round(&second, "second");
+    let first_side: BTreeSet<u64> = first.minority.iter().copied().collect();
+    let second_side: BTreeSet<u64> = second.minority.iter().copied().collect();
+    assert_ne!(second_side, first_side, "the second cut must move the leader's side to other nodes");
+
+    cluster.stop(STOP_GRACE).await;
+    let mut serials = first.report.serials();
+    serials.extend(second.report.serials());
+    let missing = missing_records(&cluster, &ids, &serials);
+
+    let mut seen = BTreeSet::new();
+    let duplicates: BTreeSet<&String> = serials.iter().filter(|serial| !seen.insert(*serial)).collect();
+    assert_eq!(duplicates, BTreeSet::new(), "serials received twice");
+    assert_eq!(missing, BTreeMap::new(), "received serials missing from a node's ledger");
+    assert_eq!(cluster.panics(&ids), BTreeMap::new(), "node logs with a panic");
+}
+
+/// What one partition of the leader and one follower against the other three recorded.
+struct PartitionRound {
+    /// The leader when the cut was made, on the minority side.
+    old_leader: u64,
+    minority: Vec<u64>,
+    majority: Vec<u64>,
+    /// The leader that the majority elected.
+    new_leader: u64,
+    cut_at: Instant,
+    /// When the majority had a leader and no minority node knew a leader any more.
+    settled_at: Instant,
+    /// When the heal began, so a request sent before it could not reach the other side.
+    healed_at: Instant,
+    /// When every minority node followed a leader again.
+    rejoined_at: Instant,
+    /// Minority statuses when the cut settled and just before it healed.
+    minority_settled: BTreeMap<u64, NodeStatus>,
+    minority_before_heal: BTreeMap<u64, NodeStatus>,
+    /// The result of one request sent to each minority node after the cut settled.
+    probes: BTreeMap<u64, Result<String, tonic::Status>>,
+    report: LoadReport,
+    converged: BTreeMap<u64, NodeStatus>,
+}
+
+/// Runs a load on all `ids`, cuts `minority` (the leader first) off from the other nodes, waits
+/// until both sides settle, probes the minority, heals, and waits until all nodes converge.
+async fn partition_round(cluster: &DevCluster, ids: &[u64], minority: [u64; 2]) -> PartitionRound {
+    let majority: Vec<u64> = ids.iter().copied().filter(|id| !minority.contains(id)).collect();
+    let load = Load::start(cluster.channels(ids).await, CLIENTS);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let cut_at = Instant::now();
+    let partition = Partition::cut(cluster, &minority, &majority);
+    let new_leader = cluster.leader(&majority, SETTLE_TIMEOUT).await;
+    let mut minority_settled = BTreeMap::new();
+    for id in minority {
+        let status = cluster.wait_status(id, SETTLE_TIMEOUT, |status| status.leader_id == 0).await;
+        minority_settled.insert(id, status);
+    }
+    let settled_at = Instant::now();
+
+    let mut probes = BTreeMap::new();
+    for id in minority {
+        probes.insert(id, probe_issuance(cluster, id).await);
+    }
+    tokio::time::sleep(PARTITION_HOLD).await;
+    let minority_before_heal = cluster.statuses(&minority).await;
+
+    let healed_at = Instant::now();
+    partition.heal();
+    for id in minority {
+        cluster.wait_status(id, CONVERGE_TIMEOUT, |status| status.ready && status.leader_id != 0).await;
+    }
+    let rejoined_at = Instant::now();
+    // The load goes on for a while, so the report shows whether the minority nodes issue again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let report = load.stop().await;
+    // Nodes agree on one applied index only once the load stops.
+    let converged = cluster.wait_converged(ids, CONVERGE_TIMEOUT).await;
+    PartitionRound {
+        old_leader: minority[0],
+        minority: minority.to_vec(),
+        majority,
+        new_leader,
+        cut_at,
+        settled_at,
+        healed_at,
+        rejoined_at,
+        minority_settled,
+        minority_before_heal,
+        probes,
+        report,
+        converged,
+    }
+}
+
+/// Sends one issuance request to node `id` and returns the serial or the error status.
+async fn probe_issuance(cluster: &DevCluster, id: u64) -> Result<String, tonic::Status> {
+    let mut issuer = IssuerClient::new(cluster.channel(id).await);
+    let (_, csr) = common::p256_csr("spiffe://example.org/partitioned", &[]);
+    let request = issuer.sign_x509_svid(SignX509SvidRequest { csr, ttl_seconds: None });
+    match tokio::time::timeout(PROBE_TIMEOUT, request).await {
+        Ok(response) => response.map(|response| response.into_inner().serial),
+        Err(_) => Err(tonic::Status::deadline_exceeded(format!("node {id} did not respond within {PROBE_TIMEOUT:?}"))),
+    }
+}
+
+/// Checks one partition round: the minority rejects issuance and commits nothing, the majority
+/// elects a leader and issues, and after the heal every node agrees and issues again.
+fn check_round(round: &PartitionRound, name: &str) {
+    let context = format!(
+        "{name} cut of {:?} from {:?}, settled {:?} after the cut: {}; statuses after the heal: {:#?}",
+        round.minority,
+        round.majority,
+        round.settled_at - round.cut_at,
+        round.report.describe(round.cut_at),
+        summarize(&round.converged)
+    );
+    let during_cut = |sent: Instant| sent >= round.settled_at && sent < round.healed_at;
+    eprintln!(
+        "{name} partition: leader {} cut off with {:?}; node {} leads the majority; settled after {:?}, \
+         rejoined {:?} after the heal; {}",
+        round.old_leader,
+        round.minority,
+        round.new_leader,
+        round.settled_at - round.cut_at,
+        round.rejoined_at - round.healed_at,
+        round.report.describe(round.cut_at)
+    );
+
+    let before_cut = round.report.issued.iter().filter(|issued| issued.received < round.cut_at).count();
+    assert!(before_cut > 0, "no issuance before the {name} cut: {context}");
+    assert!(
+        round.majority.contains(&round.new_leader),
+        "node {} leads after the {name} cut: {context}",
+        round.new_leader
+    );
+
+    let last_leader = format!("last known leader: node {}", round.old_leader);
+    for (id, probe) in &round.probes {
+        let status = probe.as_ref().expect_err("a minority node must not issue");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "node {id} during the {name} cut: {status:?}");
+        assert!(status.message().contains(&last_leader), "node {id} names {last_leader:?}: {}", status.message());
+    }
+    for failure in round.report.failures.iter().filter(|failure| round.minority.contains(&failure.node)) {
+        if !during_cut(failure.received) {
+            continue;
+        }
+        assert_eq!(failure.code, tonic::Code::Unavailable, "node {} during the {name} cut: {failure:?}", failure.node);
+        assert!(failure.message.contains(&last_leader), "node {} names {last_leader:?}: {failure:?}", failure.node);
+    }
+
+    let from_minority: Vec<_> = round
+        .report
+        .issued
+        .iter()
+        .filter(|issued| round.minority.contains(&issued.node) && during_cut(issued.sent))
+        .collect();
+    assert!(from_minority.is_empty(), "the minority issued during the {name} cut: {from_minority:?}; {context}");
+    for id in &round.minority {
+        let settled = round.minority_settled.get(id).map(|status| (status.commit_index, status.issued_total));
+        let before_heal = round.minority_before_heal.get(id).map(|status| (status.commit_index, status.issued_total));
+        assert!(before_heal.is_some(), "node {id} did not return its status before the {name} heal");
+        assert_eq!(before_heal, settled, "node {id}'s (commit index, issued total) during the {name} cut");
+    }
+
+    for id in &round.majority {
+        let issued = round.report.issued.iter().filter(|issued| issued.node == *id && during_cut(issued.sent)).count();
+        assert!(issued > 0, "majority node {id} issued nothing during the {name} cut: {context}");
+    }
+    for id in &round.minority {
+        let issued =
+            round.report.issued.iter().filter(|issued| issued.node == *id && issued.sent > round.healed_at).count();
+        assert!(issued > 0, "node {id} issued nothing after the {name} heal: {context}");
+    }
+    assert_eq!(round.report.duplicate_serials(), Vec::<String>::new(), "serials received twice in the {name} round");
 }

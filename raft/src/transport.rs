@@ -10,6 +10,7 @@
 //! server side names the calling node from its certificate.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -72,6 +73,8 @@ pub struct GrpcTransport {
     id: u64,
     /// This node's Raft listener address, sent with every batch.
     address: String,
+    /// Local address that connections to peers bind to, or None to let the OS choose.
+    source: Option<IpAddr>,
     tls: Arc<dyn PeerTls>,
     runtime: tokio::runtime::Handle,
     snapshots: Arc<SnapshotStore>,
@@ -87,11 +90,13 @@ struct PeerQueue {
 }
 
 impl GrpcTransport {
-    /// Creates the transport of node `id`. `on_peer_error` is called with
-    /// the peer id for every failed connection or stream, for metrics.
+    /// Creates the transport of node `id`. Connections to peers bind to
+    /// `source` when it is set. `on_peer_error` is called with the peer id
+    /// for every failed connection or stream, for metrics.
     pub fn new(
         id: u64,
         address: String,
+        source: Option<IpAddr>,
         tls: Arc<dyn PeerTls>,
         snapshots: Arc<SnapshotStore>,
         runtime: tokio::runtime::Handle,
@@ -100,6 +105,7 @@ impl GrpcTransport {
         Arc::new(GrpcTransport {
             id,
             address,
+            source,
             tls,
             runtime,
             snapshots,
@@ -141,6 +147,7 @@ impl GrpcTransport {
             sender_address: self.address.clone(),
             peer,
             address: address.clone(),
+            source: self.source,
             tls: Arc::clone(&self.tls),
             snapshots: Arc::clone(&self.snapshots),
             feedback: Arc::clone(&self.feedback),
@@ -212,6 +219,7 @@ struct PeerWorker {
     sender_address: String,
     peer: u64,
     address: String,
+    source: Option<IpAddr>,
     tls: Arc<dyn PeerTls>,
     snapshots: Arc<SnapshotStore>,
     feedback: Arc<OnceLock<Arc<dyn Feedback>>>,
@@ -253,12 +261,13 @@ impl PeerWorker {
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5));
         let address = self.address.clone();
+        let source = self.source;
         let connector = tower::service_fn(move |_: tonic::transport::Uri| {
             let config = Arc::clone(&config);
             let server_name = server_name.clone();
             let address = address.clone();
             async move {
-                let tcp = tokio::net::TcpStream::connect(&address).await?;
+                let tcp = connect_tcp(&address, source).await?;
                 tcp.set_nodelay(true)?;
                 let tls = tokio_rustls::TlsConnector::from(config).connect(server_name, tcp).await?;
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
@@ -391,6 +400,35 @@ impl PeerWorker {
             feedback.unreachable(self.peer);
         }
     }
+}
+
+/// Opens a TCP connection to `address` (`host:port`) from `source`, or from
+/// the address the OS chooses when `source` is None. With a source, only the
+/// resolved addresses of the same IP version are tried, in order.
+async fn connect_tcp(address: &str, source: Option<IpAddr>) -> std::io::Result<tokio::net::TcpStream> {
+    let Some(source) = source else {
+        return tokio::net::TcpStream::connect(address).await;
+    };
+    let mut last_error = None;
+    for target in tokio::net::lookup_host(address).await? {
+        if target.is_ipv4() != source.is_ipv4() {
+            continue;
+        }
+        let socket = if source.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.bind(SocketAddr::new(source, 0)).map_err(|error| {
+            std::io::Error::new(error.kind(), format!("bind to the source address {source}: {error}"))
+        })?;
+        match socket.connect(target).await {
+            Ok(stream) => return Ok(stream),
+            Err(error) => last_error = Some(error),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::AddrNotAvailable,
+            format!("{address} resolves to no address of the same IP version as the source address {source}"),
+        )
+    }))
 }
 
 enum StreamEnd {

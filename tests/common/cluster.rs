@@ -1,11 +1,14 @@
 //! Harness for cluster tests with real processes: a `sigil dev` cluster in a temporary folder,
-//! node processes that a test kills and starts again, status polling over the Admin API, and a
-//! load generator that records every certificate it receives.
+//! node processes that a test kills and starts again, status polling over the Admin API, network
+//! partitions between nodes made with nftables, and a load generator that records every
+//! certificate it receives.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,7 +32,7 @@ const ISSUE_TIMEOUT: Duration = Duration::from_secs(8);
 /// Hard end of any load run, so a test that never calls `stop` still ends.
 const LOAD_LIMIT: Duration = Duration::from_secs(120);
 
-/// Cluster tests run one at a time: each runs three or four nodes and measures pauses in
+/// Cluster tests run one at a time: each runs three to five nodes and measures pauses in
 /// seconds, which a second cluster on the same two cores would distort.
 pub static CLUSTER_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -50,6 +53,8 @@ impl DevCluster {
     /// Creates a cluster of `nodes` members and `standby` prepared nodes with `sigil dev` and
     /// waits until every member is ready.
     pub async fn start(nodes: u64, standby: u64) -> DevCluster {
+        // A stale partition could match the ports that this cluster's nodes get.
+        remove_stale_partitions();
         let root = tempfile::tempdir().expect("create temporary folder");
         let dir = root.path().join("dev");
         let mut cluster = DevCluster { root, dir, nodes, standby, dev: None, served: BTreeMap::new(), endpoints: None };
@@ -170,6 +175,21 @@ impl DevCluster {
             .find(|node| node.id == id)
             .cloned()
             .unwrap_or_else(|| panic!("endpoints.json lists no node {id}"))
+    }
+
+    /// Returns node `id`'s Raft listener address, after checking that its configuration binds
+    /// connections to other nodes to the same IP address, as `sigil dev` writes it.
+    pub fn raft_address(&self, id: u64) -> SocketAddr {
+        let listener: SocketAddr = self.endpoint(id).raft.parse().expect("Raft address in endpoints.json is ip:port");
+        let config: toml::Table =
+            std::fs::read_to_string(self.config_path(id)).expect("read sigil.toml").parse().expect("parse sigil.toml");
+        let source = config["listen"].get("raft_source").and_then(toml::Value::as_str).map(str::parse::<IpAddr>);
+        assert_eq!(
+            source,
+            Some(Ok(listener.ip())),
+            "node {id}'s listen.raft_source is not the IP address of its Raft listener {listener}"
+        );
+        listener
     }
 
     /// Returns the pid in the node's pid file when that process runs `sigil serve` with the
@@ -400,6 +420,155 @@ impl Drop for DevCluster {
         }
         self.kill_everything();
     }
+}
+
+/// Prefix of the names of the nftables tables that partitions create, followed by the test
+/// process id and a sequence number.
+const PARTITION_TABLE_PREFIX: &str = "sigil_partition_";
+/// Sequence number of the next partition in this process.
+static NEXT_PARTITION: AtomicU64 = AtomicU64::new(0);
+
+/// A network partition between two groups of a cluster's nodes: an nftables table (family `ip`)
+/// whose input chain drops every packet of the Raft connections between a node of one group and a
+/// node of the other. Packets are dropped, not rejected, as a broken network loses them: the
+/// connections stall and time out.
+///
+/// A rule matches a pair of node addresses and a Raft listener port, because `sigil dev` gives
+/// each node its own loopback address (127.0.1.ID) for its Raft listener and for its connections
+/// to the other nodes. The API and metrics traffic on 127.0.0.1 and other clusters' nodes, whose
+/// listeners have other ports, pass. Dropping the value deletes the table.
+pub struct Partition {
+    table: Option<String>,
+}
+
+impl Partition {
+    /// Returns why this machine cannot make partitions (nft missing, no CAP_NET_ADMIN, no
+    /// nf_tables in the kernel), or None when it can. Panics on any other failure of nft.
+    pub fn unsupported() -> Option<String> {
+        let output = match Command::new("nft").args(["list", "tables"]).stdin(Stdio::null()).output() {
+            Ok(output) => output,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                return Some("nft was not found; scripts/install-prereqs.sh installs the nftables package".to_owned());
+            }
+            Err(error) => panic!("run nft list tables: {error}"),
+        };
+        if output.status.success() {
+            return None;
+        }
+        let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+        if stderr.contains("Operation not permitted") {
+            return Some(format!("nft needs CAP_NET_ADMIN; run the test as root ({stderr})"));
+        }
+        if stderr.contains("not supported") {
+            return Some(format!("the kernel does not support nf_tables ({stderr})"));
+        }
+        panic!("nft list tables failed with {}: {stderr}", output.status);
+    }
+
+    /// Cuts the Raft traffic between every node in `side` and every node in `other`.
+    pub fn cut(cluster: &DevCluster, side: &[u64], other: &[u64]) -> Partition {
+        let addresses: BTreeMap<u64, SocketAddr> =
+            side.iter().chain(other).map(|id| (*id, cluster.raft_address(*id))).collect();
+        for (id, address) in &addresses {
+            if let Some((shared, _)) =
+                addresses.iter().find(|(other_id, other)| other_id != &id && other.ip() == address.ip())
+            {
+                panic!(
+                    "nodes {id} and {shared} share the Raft address {}; a partition tells nodes apart by address",
+                    address.ip()
+                );
+            }
+        }
+
+        let table = format!(
+            "{PARTITION_TABLE_PREFIX}{}_{}",
+            std::process::id(),
+            NEXT_PARTITION.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut rules = String::new();
+        for a in side {
+            for b in other {
+                for (from, to) in [(addresses[a], addresses[b]), (addresses[b], addresses[a])] {
+                    let (from_ip, to_ip) = (from.ip(), to.ip());
+                    // The first rule drops what `from` sends on its connections to `to`'s listener,
+                    // the second what `from`'s listener sends back on `to`'s connections.
+                    let _ = writeln!(rules, "ip saddr {from_ip} ip daddr {to_ip} tcp dport {} drop", to.port());
+                    let _ = writeln!(rules, "ip saddr {from_ip} ip daddr {to_ip} tcp sport {} drop", from.port());
+                }
+            }
+        }
+        let script = format!(
+            "table ip {table} {{\nchain input {{\ntype filter hook input priority 0; policy accept;\n{rules}}}\n}}\n"
+        );
+        run_nft(&["-f", "-"], Some(&script)).unwrap_or_else(|error| panic!("create the partition table: {error}"));
+        Partition { table: Some(table) }
+    }
+
+    /// Deletes the rules, so the two sides reach each other again.
+    pub fn heal(mut self) {
+        if let Some(table) = self.table.take() {
+            run_nft(&["delete", "table", "ip", &table], None)
+                .unwrap_or_else(|error| panic!("delete the partition table {table}: {error}"));
+        }
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        if let Some(table) = self.table.take()
+            && let Err(error) = run_nft(&["delete", "table", "ip", &table], None)
+        {
+            eprintln!(
+                "delete the partition table {table} failed ({error}); remove it with: nft delete table ip {table}"
+            );
+        }
+    }
+}
+
+/// Deletes partition tables left by test processes that no longer run, such as one killed with
+/// SIGKILL before its `Partition` was dropped.
+fn remove_stale_partitions() {
+    let Ok(listing) = run_nft(&["list", "tables", "ip"], None) else {
+        return;
+    };
+    for line in listing.lines() {
+        let Some(table) = line.trim().strip_prefix("table ip ") else {
+            continue;
+        };
+        let Some(pid) = table.strip_prefix(PARTITION_TABLE_PREFIX).and_then(|rest| rest.split('_').next()) else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            eprintln!("deleting the partition table {table} of the exited test process {pid}");
+            let _ = run_nft(&["delete", "table", "ip", table], None);
+        }
+    }
+}
+
+/// Runs nft with `args`, writing `input` to its standard input, and returns its standard output.
+fn run_nft(args: &[&str], input: Option<&str>) -> Result<String, String> {
+    use std::io::Write as _;
+
+    let mut child = Command::new("nft")
+        .args(args)
+        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|error| format!("start nft {}: {error}", args.join(" ")))?;
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        stdin.write_all(input.as_bytes()).map_err(|error| format!("write to nft: {error}"))?;
+    }
+    let output = child.wait_with_output().map_err(|error| format!("wait for nft: {error}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "nft {} failed with {}: {}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 fn signal(pid: u32, signal: Signal) {

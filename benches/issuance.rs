@@ -70,6 +70,7 @@ fn bench(c: &mut Criterion) {
     let checked = check_csr(&csr, "example.org").expect("valid CSR");
     let request = LeafRequest {
         usage: sigil::ca::LeafUsage::Svid,
+        publication: None,
         spki_der: &checked.spki_der,
         key_kind: checked.key_kind,
         spiffe_id: checked.spiffe_id.as_str(),

@@ -5,6 +5,11 @@
 //!
 //! Run: `cargo bench --bench load -- [--concurrency 64] [--duration 10s] [--connections 8]
 //! [--warmup 2s] [--dev-dir DIR] [--nodes first|all|ID[,ID...]] [--max-requests N] [--json]`.
+//!
+//! With `--acme` it runs whole ACME flows instead (see `load/acme.rs`) against the selected nodes'
+//! ACME directories, or against the directories given with `--acme-directory URL` (repeatable),
+//! trusting `--acme-roots PEM` (default DIR/bundle.pem), with its http-01 responder on
+//! `--acme-responder ADDR` (default 127.0.0.1:5002); `--label` names the run in the report.
 //! Without --dev-dir it starts a one-node dev deployment in a temporary folder. It exits with 1
 //! when a serial repeats or an OK response has no serial, and with 2 on invalid options or a
 //! failed setup.
@@ -30,6 +35,9 @@ use tonic::transport::Channel;
 #[path = "load/report.rs"]
 mod report;
 
+#[path = "load/acme.rs"]
+mod acme;
+
 use report::{Report, build_report, count_of, write_human_report};
 
 /// Distinct CSRs cycled through; serials stay unique because the CA picks them.
@@ -52,7 +60,8 @@ const LOGGED_FAILURES: u64 = 5;
 const LATENCY_MAX_MICROS: u64 = 60_000_000;
 
 const USAGE: &str = "usage: cargo bench --bench load -- [--concurrency N] [--connections N] \
-[--duration 10s] [--warmup 2s] [--dev-dir DIR] [--nodes first|all|ID[,ID...]] [--max-requests N] [--json]";
+[--duration 10s] [--warmup 2s] [--dev-dir DIR] [--nodes first|all|ID[,ID...]] [--max-requests N] [--json] \
+[--acme [--acme-directory URL]... [--acme-roots PEM] [--acme-responder ADDR] [--label TEXT]]";
 
 /// Nodes of the dev deployment that receive requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +81,11 @@ struct Options {
     /// Cap on requests sent by all workers together, warm-up included.
     max_requests: Option<u64>,
     json: bool,
+    acme: bool,
+    acme_directories: Vec<String>,
+    acme_roots: Option<PathBuf>,
+    acme_responder: std::net::SocketAddr,
+    label: String,
 }
 
 fn parse_options(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
@@ -84,6 +98,11 @@ fn parse_options(args: impl IntoIterator<Item = String>) -> Result<Options, Stri
         nodes: NodeSelection::First,
         max_requests: None,
         json: false,
+        acme: false,
+        acme_directories: Vec::new(),
+        acme_roots: None,
+        acme_responder: acme::RESPONDER_ADDRESS.parse().expect("valid default address"),
+        label: "sigil".to_owned(),
     };
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -101,6 +120,16 @@ fn parse_options(args: impl IntoIterator<Item = String>) -> Result<Options, Stri
             "--nodes" => options.nodes = parse_node_selection(&value()?)?,
             "--max-requests" => options.max_requests = Some(parse_count(&arg, &value()?)?),
             "--json" => options.json = true,
+            "--acme" => options.acme = true,
+            "--acme-directory" => options.acme_directories.push(value()?),
+            "--acme-roots" => options.acme_roots = Some(PathBuf::from(value()?)),
+            "--acme-responder" => {
+                let text = value()?;
+                options.acme_responder = text
+                    .parse()
+                    .map_err(|_| format!("invalid --acme-responder {text:?}; give an address like 127.0.0.1:5002"))?;
+            }
+            "--label" => options.label = value()?,
             // cargo bench passes --bench.
             "--bench" => {}
             _ => eprintln!("load: ignoring unknown argument {arg:?}"),
@@ -145,10 +174,7 @@ fn parse_node_selection(text: &str) -> Result<NodeSelection, String> {
 }
 
 /// Picks the selected nodes from the `(id, connection)` list of a dev folder, in the order given.
-fn select_nodes(
-    available: Vec<(u64, Connection)>,
-    selection: &NodeSelection,
-) -> anyhow::Result<Vec<(u64, Connection)>> {
+fn select_nodes<T: Clone>(available: Vec<(u64, T)>, selection: &NodeSelection) -> anyhow::Result<Vec<(u64, T)>> {
     match selection {
         NodeSelection::First => Ok(available.into_iter().take(1).collect()),
         NodeSelection::All => Ok(available),
@@ -410,6 +436,58 @@ async fn run(options: &Options, dir: &std::path::Path, log: &mut dyn Write) -> a
     Ok(build_report(options, &shares, per_node, measured, max_requests, reached, cores))
 }
 
+/// Runs the ACME mode against the given directories, or the selected nodes of `dir`.
+async fn run_acme(options: &Options, dir: Option<&std::path::Path>, log: &mut dyn Write) -> ExitCode {
+    let setup = || -> anyhow::Result<acme::AcmeOptions> {
+        let mut directories = options.acme_directories.clone();
+        if directories.is_empty() {
+            let dir = dir.context("--acme needs --acme-directory or a dev deployment")?;
+            let path = dir.join("endpoints.json");
+            let text = std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+            let endpoints: sigil::client::Endpoints =
+                serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+            let available = endpoints.nodes.into_iter().map(|node| (node.id, node.acme)).collect();
+            for (id, acme) in select_nodes(available, &options.nodes)? {
+                directories.push(acme.with_context(|| format!("node {id} serves no ACME"))?);
+            }
+        }
+        let roots_path = match (&options.acme_roots, dir) {
+            (Some(path), _) => path.clone(),
+            (None, Some(dir)) => dir.join("bundle.pem"),
+            (None, None) => anyhow::bail!("--acme-directory needs --acme-roots"),
+        };
+        let roots_pem = std::fs::read(&roots_path).with_context(|| format!("read {}", roots_path.display()))?;
+        Ok(acme::AcmeOptions {
+            directories,
+            roots_pem,
+            concurrency: options.concurrency,
+            duration: options.duration,
+            warmup: options.warmup,
+            label: options.label.clone(),
+            responder: options.acme_responder,
+        })
+    };
+    let report = match setup() {
+        Ok(acme_options) => acme::run(&acme_options).await,
+        Err(error) => Err(error),
+    };
+    let report = match report {
+        Ok(report) => report,
+        Err(error) => {
+            eprintln!("load: {error:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(error) = acme::write_report(&report, log) {
+        eprintln!("load: write report failed: {error}");
+        return ExitCode::from(2);
+    }
+    if options.json {
+        println!("{}", serde_json::to_string(&report).unwrap_or_default());
+    }
+    if report.orders > 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let options = match parse_options(std::env::args().skip(1)) {
@@ -422,6 +500,9 @@ async fn main() -> ExitCode {
     // With --json, stdout carries only the JSON object and the human report goes to stderr.
     let mut log: Box<dyn Write> = if options.json { Box::new(std::io::stderr()) } else { Box::new(std::io::stdout()) };
 
+    if options.acme && !options.acme_directories.is_empty() {
+        return run_acme(&options, None, log.as_mut()).await;
+    }
     let (_node, dir) = match &options.dev_dir {
         Some(dir) => (None, dir.clone()),
         None => {
@@ -429,6 +510,9 @@ async fn main() -> ExitCode {
             (Some(node), dir)
         }
     };
+    if options.acme {
+        return run_acme(&options, Some(&dir), log.as_mut()).await;
+    }
     let report = match run(&options, &dir, &mut log).await {
         Ok(report) => report,
         Err(error) => {

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The demo behind `make demo`: starts a three-node dev cluster on SoftHSM (one token per node, all
 # holding the same CA key), issues X509-SVIDs through every node, verifies them with openssl, runs a
-# mutual-TLS handshake between two of them, kills the Raft leader, issues again through the other
-# nodes, restarts the killed node and shows that every node has the same ledger digest.
+# mutual-TLS handshake between two of them, obtains a TLS server certificate with lego over ACME
+# (http-01), kills the Raft leader, issues again through the other nodes, restarts the killed node
+# and shows that every node has the same ledger digest.
 # Usage: scripts/demo.sh PATH_TO_SIGIL
 set -euo pipefail
 
@@ -84,6 +85,16 @@ cat "$work/s_client.out"
 grep -q "Verification: OK" "$work/s_client.out"
 grep -q "hello from the demo client" "$work/s_server.out" || { cat "$work/s_server.out" >&2; exit 1; }
 echo "server received: $(grep 'hello from the demo client' "$work/s_server.out")"
+
+step "Obtaining a TLS server certificate with lego over ACME (http-01 on 127.0.0.1:5002) from node 2"
+acme_directory=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["nodes"][1]["acme"])' "$dev_dir/endpoints.json")
+echo "directory: $acme_directory"
+LEGO_CA_CERTIFICATES="$dev_dir/bundle.pem" timeout 120 lego --server "$acme_directory" --email demo@example.com \
+    --accept-tos --domains www.demo.example.com --http --http.port 127.0.0.1:5002 --path "$work/lego" run \
+    >"$work/lego.out" 2>&1 || { cat "$work/lego.out" >&2; exit 1; }
+openssl verify -CAfile "$dev_dir/bundle.pem" -untrusted "$work/lego/certificates/www.demo.example.com.issuer.crt" \
+    "$work/lego/certificates/www.demo.example.com.crt"
+openssl x509 -in "$work/lego/certificates/www.demo.example.com.crt" -noout -subject -ext subjectAltName -enddate
 
 step "Audit events written by node 1"
 wc -l <"$dev_dir/nodes/1/audit.jsonl" | xargs echo "events:"

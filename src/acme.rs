@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, info, warn};
 
+use crate::ca::Publication;
 use crate::config::Config;
 use crate::csr::CsrError;
 use crate::issuance::{Issuance, IssueError, PROFILE_SHORT_LIVED, PROFILE_TLS_SERVER, TlsServerRequest};
@@ -91,6 +92,7 @@ pub struct NodeIssuer {
     issuance: Arc<Issuance>,
     default_validity: Duration,
     short_lived_validity: Duration,
+    publication: Publication,
 }
 
 impl NodeIssuer {
@@ -99,6 +101,7 @@ impl NodeIssuer {
             issuance,
             default_validity: config.acme.default_validity,
             short_lived_validity: config.acme.short_lived_validity,
+            publication: crate::publication::urls(config),
         }
     }
 
@@ -113,6 +116,7 @@ impl NodeIssuer {
             issuance: Arc::clone(&self.issuance),
             default_validity: self.default_validity,
             short_lived_validity: self.short_lived_validity,
+            publication: self.publication.clone(),
         }
     }
 }
@@ -140,6 +144,7 @@ impl Issuer for NodeIssuer {
             profile: request.profile,
             ttl,
             account: request.account,
+            publication: Some(&self.publication),
         };
         let issued = self.issuance.issue_tls_server(&tls_request).await.map_err(issue_problem)?;
         let not_before = not_before_of(&issued.leaf.der)?;

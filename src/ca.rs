@@ -142,6 +142,28 @@ pub enum LeafUsage {
     TlsServer,
 }
 
+/// HTTP URLs a TLS server certificate points to: the issuing CA's certificate (authority
+/// information access, caIssuers) and the CRL (CRL distribution points).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publication {
+    pub ca_issuers_url: String,
+    pub crl_url: String,
+}
+
+/// A revoked certificate, as a CRL lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokedEntry {
+    pub serial: Vec<u8>,
+    pub revoked_at: OffsetDateTime,
+    /// RFC 5280 reason code; 0 (unspecified) is left out of the CRL entry.
+    pub reason: u8,
+}
+
+/// Object identifier of the CA/Browser Forum's domain-validated certificate policy.
+const POLICY_DOMAIN_VALIDATED: &[u64] = &[2, 23, 140, 1, 2, 1];
+const OID_CERTIFICATE_POLICIES: &[u64] = &[2, 5, 29, 32];
+const OID_AUTHORITY_INFO_ACCESS: &[u64] = &[1, 3, 6, 1, 5, 5, 7, 1, 1];
+
 /// A leaf certificate request after every check: the public key and names to certify.
 #[derive(Debug, Clone)]
 pub struct LeafRequest<'a> {
@@ -150,6 +172,8 @@ pub struct LeafRequest<'a> {
     pub key_kind: KeyKind,
     /// The SPIFFE ID of an X509-SVID; empty for a TLS server certificate.
     pub spiffe_id: &'a str,
+    /// Where relying parties find the issuer's certificate and the CRL (TLS server certificates).
+    pub publication: Option<&'a Publication>,
     pub dns_names: &'a [String],
     pub ip_addresses: &'a [std::net::IpAddr],
     pub ttl: Duration,
@@ -222,6 +246,40 @@ impl IssuingCa {
         &self.chain
     }
 
+    /// Signs a CRL listing `revoked`, valid from `this_update` to `next_update`. BLOCKING: it
+    /// calls the HSM.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the HSM cannot sign or a serial is invalid.
+    pub fn sign_crl(
+        &self,
+        revoked: &[RevokedEntry],
+        this_update: OffsetDateTime,
+        next_update: OffsetDateTime,
+        crl_number: u64,
+    ) -> Result<Vec<u8>, CaError> {
+        let revoked_certs = revoked
+            .iter()
+            .map(|entry| rcgen::RevokedCertParams {
+                serial_number: SerialNumber::from_slice(&entry.serial),
+                revocation_time: entry.revoked_at,
+                reason_code: revocation_reason(entry.reason),
+                invalidity_date: None,
+            })
+            .collect();
+        let params = rcgen::CertificateRevocationListParams {
+            this_update,
+            next_update,
+            crl_number: SerialNumber::from(crl_number),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let crl = with_hsm_errors(|| params.signed_by(&self.issuer))?;
+        Ok(crl.der().to_vec())
+    }
+
     pub fn summary(&self) -> &CaSummary {
         &self.summary
     }
@@ -261,6 +319,10 @@ impl IssuingCa {
             LeafUsage::TlsServer => {
                 params.distinguished_name = tls_server_subject(request.dns_names);
                 params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+                // The validity counts both ends (RFC 5280), so a TTL of 7 days gives exactly 7 days.
+                params.not_after =
+                    (params.not_before + request.ttl - Duration::from_secs(1)).min(self.summary.not_after);
+                add_tls_server_extensions(&mut params, request.publication);
             }
         }
         params.use_authority_key_identifier_extension = true;
@@ -282,6 +344,36 @@ fn leaf_subject(organization: &str, dns_names: &[String]) -> DistinguishedName {
         name.push(DnType::CommonName, first.as_str());
     }
     name
+}
+
+/// Adds the certificate policy and the pointers to the issuer's certificate and CRL that TLS
+/// clients and the CA/Browser Forum's profile expect.
+fn add_tls_server_extensions(params: &mut CertificateParams, publication: Option<&Publication>) {
+    let mut policy = yasna::construct_der(|writer| {
+        writer.write_sequence(|writer| {
+            writer.next().write_sequence(|writer| {
+                writer.next().write_oid(&yasna::models::ObjectIdentifier::from_slice(POLICY_DOMAIN_VALIDATED));
+            });
+        });
+    });
+    params
+        .custom_extensions
+        .push(rcgen::CustomExtension::from_oid_content(OID_CERTIFICATE_POLICIES, std::mem::take(&mut policy)));
+    let Some(publication) = publication else {
+        return;
+    };
+    let access = yasna::construct_der(|writer| {
+        writer.write_sequence(|writer| {
+            writer.next().write_sequence(|writer| {
+                writer.next().write_oid(&yasna::models::ObjectIdentifier::from_slice(&[1, 3, 6, 1, 5, 5, 7, 48, 2]));
+                writer.next().write_tagged_implicit(yasna::Tag::context(6), |writer| {
+                    writer.write_ia5_string(&publication.ca_issuers_url);
+                });
+            });
+        });
+    });
+    params.custom_extensions.push(rcgen::CustomExtension::from_oid_content(OID_AUTHORITY_INFO_ACCESS, access));
+    params.crl_distribution_points = vec![rcgen::CrlDistributionPoint { uris: vec![publication.crl_url.clone()] }];
 }
 
 /// The subject of a TLS server certificate: the first DNS name as common name, or no name at
@@ -309,6 +401,22 @@ fn leaf_subject_alt_names(request: &LeafRequest<'_>) -> Result<Vec<SanType>, CaE
     }
     names.extend(request.ip_addresses.iter().copied().map(SanType::IpAddress));
     Ok(names)
+}
+
+fn revocation_reason(code: u8) -> Option<rcgen::RevocationReason> {
+    use rcgen::RevocationReason as Reason;
+    match code {
+        1 => Some(Reason::KeyCompromise),
+        2 => Some(Reason::CaCompromise),
+        3 => Some(Reason::AffiliationChanged),
+        4 => Some(Reason::Superseded),
+        5 => Some(Reason::CessationOfOperation),
+        6 => Some(Reason::CertificateHold),
+        8 => Some(Reason::RemoveFromCrl),
+        9 => Some(Reason::PrivilegeWithdrawn),
+        10 => Some(Reason::AaCompromise),
+        _ => None,
+    }
 }
 
 /// Returns a positive 16-octet serial with 126 random bits from the operating system's CSPRNG.

@@ -242,6 +242,9 @@ pub struct DevArgs {
     /// Applies when DIR is created.
     #[arg(long)]
     pub acme_eab_required: bool,
+    /// Port the ACME servers connect to for http-01 validation. Applies when DIR is created.
+    #[arg(long, default_value_t = 5002)]
+    pub acme_http01_port: u16,
 }
 
 #[derive(Debug, Subcommand)]

@@ -188,6 +188,12 @@ pub struct AcmeSection {
     /// New orders one account may create per hour; 0 means no limit.
     #[serde(default = "default_orders_per_hour")]
     pub orders_per_account_per_hour: u32,
+    /// HTTP URL of the issuing CA's certificate named in TLS server certificates; defaults to
+    /// /ca/issuer.der on the metrics listener.
+    pub ca_issuers_url: Option<String>,
+    /// HTTP URL of the CRL named in TLS server certificates; defaults to /ca/crl.der on the metrics
+    /// listener.
+    pub crl_url: Option<String>,
     #[serde(default)]
     pub validation: AcmeValidationSection,
 }
@@ -234,6 +240,8 @@ impl Default for AcmeSection {
             default_validity: default_acme_validity(),
             short_lived_validity: default_acme_short_validity(),
             orders_per_account_per_hour: default_orders_per_hour(),
+            ca_issuers_url: None,
+            crl_url: None,
             validation: AcmeValidationSection::default(),
         }
     }
@@ -537,6 +545,13 @@ impl Config {
             && (!url.starts_with("https://") || url.trim_start_matches("https://").contains('/'))
         {
             return Err(invalid("acme.base_url", url, "must be https://HOST[:PORT] without a path"));
+        }
+        for (key, url) in [("acme.ca_issuers_url", &acme.ca_issuers_url), ("acme.crl_url", &acme.crl_url)] {
+            if let Some(url) = url
+                && !url.starts_with("http://")
+            {
+                return Err(invalid(key, url, "must be an http:// URL, which relying parties fetch without TLS"));
+            }
         }
         if acme.validation.workers == 0 {
             return Err(invalid("acme.validation.workers", acme.validation.workers, "must be at least 1"));

@@ -48,7 +48,11 @@ pub async fn run(args: &DevArgs) -> anyhow::Result<()> {
     check_trust_domain(&args.trust_domain).context("invalid --trust-domain")?;
     std::fs::create_dir_all(&args.dir).with_context(|| format!("create {}", args.dir.display()))?;
     let dir = std::fs::canonicalize(&args.dir).with_context(|| format!("resolve {}", args.dir.display()))?;
-    let acme = DevAcme { resolver: args.acme_resolver, eab_required: args.acme_eab_required };
+    let acme = DevAcme {
+        resolver: args.acme_resolver,
+        eab_required: args.acme_eab_required,
+        http01_port: args.acme_http01_port,
+    };
     let layout = Layout { dir: dir.clone(), acme };
 
     let total = args.nodes + args.standby;
@@ -106,10 +110,11 @@ struct Layout {
 }
 
 /// ACME choices of `sigil dev` that go into each node's configuration.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 struct DevAcme {
     resolver: Option<SocketAddr>,
     eab_required: bool,
+    http01_port: u16,
 }
 
 impl Layout {
@@ -386,7 +391,7 @@ fn node_config(id: u64, trust_domain: &str, node_dir: &Path, acme: &DevAcme) -> 
 }
 
 /// ACME for local clients: challenges are validated on loopback at Pebble's ports (http-01 on
-/// 5002, tls-alpn-01 on 5001), every name resolves to 127.0.0.1 unless a resolver is given, and
+/// 5002 unless another port is given, tls-alpn-01 on 5001), every name resolves to 127.0.0.1 unless a resolver is given, and
 /// loopback IP identifiers are allowed.
 fn dev_acme_section(acme: &DevAcme) -> AcmeSection {
     let resolve_to = if acme.resolver.is_some() { Vec::new() } else { vec![IpAddr::from([127, 0, 0, 1])] };
@@ -394,7 +399,7 @@ fn dev_acme_section(acme: &DevAcme) -> AcmeSection {
         allowed_ip_ranges: vec!["127.0.0.0/8".to_owned(), "::1".to_owned()],
         external_account_required: acme.eab_required,
         validation: AcmeValidationSection {
-            http01_port: 5002,
+            http01_port: acme.http01_port,
             tls_alpn01_port: 5001,
             resolver: acme.resolver,
             resolve_to,

@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 use tracing::{info, warn};
 
 use crate::audit::{AuditEvent, AuditLog, Decision};
-use crate::ca::{CaError, IssuedLeaf, IssuingCa, LeafRequest, LeafUsage};
+use crate::ca::{CaError, IssuedLeaf, IssuingCa, LeafRequest, LeafUsage, Publication};
 use crate::config::PolicyMode;
 use crate::csr::{CsrError, check_csr};
 use crate::ledger::{IssuanceRecord, Ledger, LedgerError};
@@ -40,6 +40,7 @@ pub struct TlsServerRequest<'a> {
     pub ttl: Duration,
     /// The ACME account URL, recorded as the requester.
     pub account: &'a str,
+    pub publication: Option<&'a Publication>,
 }
 
 /// Failure of an issuance request. `grpc::status_from` maps each variant to a gRPC status.
@@ -206,6 +207,7 @@ impl Issuance {
             spki_der: &checked.spki_der,
             key_kind: checked.key_kind,
             spiffe_id: checked.spiffe_id.as_str(),
+            publication: None,
             dns_names: &checked.dns_names,
             ip_addresses: &[],
             ttl,
@@ -264,6 +266,7 @@ impl Issuance {
             spki_der: &checked.spki_der,
             key_kind: checked.key_kind,
             spiffe_id: "",
+            publication: request.publication,
             dns_names: &checked.dns_names,
             ip_addresses: &checked.ip_addresses,
             ttl: request.ttl,
@@ -326,6 +329,7 @@ impl Issuance {
         let dns_names = request.dns_names.to_vec();
         let ip_addresses = request.ip_addresses.to_vec();
         let (usage, key_kind, ttl) = (request.usage, request.key_kind, request.ttl);
+        let publication = request.publication.cloned();
 
         let signed = tokio::task::spawn_blocking(move || {
             let request = LeafRequest {
@@ -333,6 +337,7 @@ impl Issuance {
                 spki_der: &spki,
                 key_kind,
                 spiffe_id: &spiffe_id,
+                publication: publication.as_ref(),
                 dns_names: &dns_names,
                 ip_addresses: &ip_addresses,
                 ttl,
@@ -384,6 +389,7 @@ impl Issuance {
             spki_der,
             key_kind: crate::csr::KeyKind::EcP256,
             spiffe_id,
+            publication: None,
             dns_names,
             ip_addresses,
             ttl,

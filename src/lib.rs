@@ -27,6 +27,8 @@ pub mod spiffe_id;
 pub mod tls;
 
 /// Generated gRPC types and services of package `sigil.v1`.
+pub mod publication;
+
 pub mod proto {
     tonic::include_proto!("sigil.v1");
 }

@@ -212,13 +212,15 @@ pub async fn serve_http(
     listener: tokio::net::TcpListener,
     registry: Registry,
     health: Health,
+    extra: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready_handler))
-        .with_state(HttpState { registry, health });
+        .with_state(HttpState { registry, health })
+        .merge(extra);
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 

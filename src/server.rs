@@ -220,8 +220,14 @@ async fn serve_node(config: Config) -> anyhow::Result<()> {
         .in_current_span(),
     );
     let http = tokio::spawn(
-        crate::metrics::serve_http(metrics_listener, registry, health.clone(), wait_for(shutdown_rx.clone()))
-            .in_current_span(),
+        crate::metrics::serve_http(
+            metrics_listener,
+            registry,
+            health.clone(),
+            crate::publication::router(Arc::clone(&issuance)),
+            wait_for(shutdown_rx.clone()),
+        )
+        .in_current_span(),
     );
     let watch_health = tokio::spawn(
         report_raft_state(Arc::clone(&replica), health.clone(), metrics.clone(), shutdown_rx.clone()).in_current_span(),

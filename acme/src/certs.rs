@@ -18,6 +18,50 @@ use crate::records::{self, CertRecord, Stored};
 use crate::server::{AcmeServer, KeyRule, Signed};
 use crate::store::{Store, Transaction};
 
+/// A revoked certificate that has not expired, as a CRL lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RevokedCertificate {
+    #[serde(with = "hex_bytes")]
+    pub serial: Vec<u8>,
+    /// RFC 5280 reason code.
+    pub reason: u8,
+    pub revoked_unix: i64,
+}
+
+mod hex_bytes {
+    pub fn serialize<S: serde::Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&hex::encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+        let text: String = serde::Deserialize::deserialize(deserializer)?;
+        hex::decode(text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Every revoked certificate whose record the store still holds, as applied
+/// on this node. Entries expire with their certificates and drop out with
+/// the store's purge.
+pub fn revoked(store: &impl Store) -> Result<Vec<RevokedCertificate>, Problem> {
+    let prefix = records::revoked_prefix();
+    let mut revoked = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = store.scan(&prefix, after.as_deref(), 1000).map_err(records::store_problem)?;
+        for (key, value) in &page {
+            let entry: RevokedCertificate = serde_json::from_slice(&value.value).map_err(|error| {
+                Problem::internal(format!("stored {} does not decode: {error}", String::from_utf8_lossy(key)))
+            })?;
+            revoked.push(entry);
+        }
+        match page.last() {
+            Some((last, _)) if page.len() == 1000 => after = Some(last.clone()),
+            _ => break,
+        }
+    }
+    Ok(revoked)
+}
+
 /// Seconds clients should wait before asking for renewal information again.
 const RENEWAL_INFO_RETRY_SECONDS: u32 = 6 * 3600;
 
@@ -139,11 +183,12 @@ impl<S: Store, I: Issuer> AcmeServer<S, I> {
         let mut record = cert.record.clone();
         record.revoked_reason = Some(payload.reason.unwrap_or(0));
         let key = records::cert_key(&record.id);
-        let transaction = Transaction::default().when(key.clone(), cert.revision).put(
-            key,
-            records::encode(&record),
-            record.not_after_unix,
-        );
+        let entry =
+            RevokedCertificate { serial, reason: payload.reason.unwrap_or(0), revoked_unix: crate::server::now_unix() };
+        let transaction = Transaction::default()
+            .when(key.clone(), cert.revision)
+            .put(key, records::encode(&record), record.not_after_unix)
+            .put(records::revoked_key(&entry.serial), records::encode(&entry), record.not_after_unix);
         self.store.commit(transaction).await.map_err(|error| conflict_to_retry(error, "certificate"))?;
         tracing::info!(serial = %serial_hex, reason = record.revoked_reason, "ACME certificate revoked");
         Ok(self.answer(StatusCode::OK, HeaderMap::new(), Body::empty()))

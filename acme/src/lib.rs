@@ -8,7 +8,7 @@
 mod accounts;
 mod authz;
 pub mod b64;
-mod certs;
+pub mod certs;
 pub mod client;
 pub mod eab;
 pub mod identifiers;

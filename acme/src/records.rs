@@ -9,6 +9,7 @@
 //! - `acme/cert-serial/<serial hex>`: certificate id by serial.
 //! - `acme/eab/<key id>`: an external account binding key.
 //! - `acme/rate/<account id>/<hour>`: orders created in that hour.
+//! - `acme/revoked/<serial hex>`: a revoked certificate, until it expires.
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -49,6 +50,14 @@ pub fn cert_key(id: &str) -> Vec<u8> {
 
 pub fn cert_serial_key(serial: &[u8]) -> Vec<u8> {
     format!("acme/cert-serial/{}", hex::encode(serial)).into_bytes()
+}
+
+pub fn revoked_key(serial: &[u8]) -> Vec<u8> {
+    format!("acme/revoked/{}", hex::encode(serial)).into_bytes()
+}
+
+pub fn revoked_prefix() -> Vec<u8> {
+    b"acme/revoked/".to_vec()
 }
 
 pub fn eab_key(key_id: &str) -> Vec<u8> {

@@ -458,14 +458,17 @@ fn parse_alg(header: &Map<String, Value>, purpose: Purpose) -> Result<Algorithm,
         Some(alg) if allowed.contains(&alg) => Ok(alg),
         _ => {
             let names: Vec<&str> = allowed.iter().map(|alg| alg.name()).collect();
-            Err(Problem::new(
+            let mut problem = Problem::new(
                 ProblemType::BadSignatureAlgorithm,
                 format!(
                     "JWS algorithm {} is not supported here; supported algorithms are {}",
                     quote(name),
                     names.join(", ")
                 ),
-            ))
+            );
+            // RFC 8555, section 6.2: the problem lists the algorithms the server accepts.
+            problem.algorithms = names.iter().map(|name| (*name).to_owned()).collect();
+            Err(problem)
         }
     }
 }
@@ -748,11 +751,9 @@ mod tests {
     fn rejects_alg_none() {
         let header = json!({"alg": "none", "kid": ACCOUNT_URL, "nonce": "n", "url": ORDER_URL});
         let value = json!({"protected": b64::encode(header.to_string().as_bytes()), "payload": "", "signature": ""});
-        assert_problem(
-            &rejected(&body(&value)),
-            ProblemType::BadSignatureAlgorithm,
-            &["\"none\"", "ES256, ES384, RS256, EdDSA"],
-        );
+        let problem = rejected(&body(&value));
+        assert_problem(&problem, ProblemType::BadSignatureAlgorithm, &["\"none\"", "ES256, ES384, RS256, EdDSA"]);
+        assert_eq!(problem.algorithms, ["ES256", "ES384", "RS256", "EdDSA"]);
     }
 
     #[test]

@@ -96,6 +96,9 @@ pub struct Problem {
     pub status: u16,
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub subproblems: Vec<Subproblem>,
+    /// The accepted JWS algorithms, in a badSignatureAlgorithm problem.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub algorithms: Vec<String>,
     /// Seconds to wait before a retry, sent as `Retry-After` (rateLimited).
     #[serde(skip)]
     pub retry_after: Option<u64>,
@@ -117,6 +120,7 @@ impl Problem {
             detail: detail.into(),
             status: kind.status(),
             subproblems: Vec::new(),
+            algorithms: Vec::new(),
             retry_after: None,
         }
     }
@@ -151,6 +155,7 @@ impl Problem {
                 detail: only.detail.clone(),
                 status: 400,
                 subproblems: vec![only],
+                algorithms: Vec::new(),
                 retry_after: None,
             };
             problem.status = status_of_urn(&problem.kind);

@@ -123,7 +123,8 @@ impl<S: Store, I: Issuer> AcmeServer<S, I> {
     /// Runs the checks every signed request passes: body size and type,
     /// JWS syntax, URL, nonce, key and signature, then consumes the nonce.
     pub(crate) async fn accept(&self, request: Request, rule: KeyRule) -> Result<Signed, Problem> {
-        let path = request.uri().path().to_owned();
+        // The orders list pages with a query, which the client signs as part of the URL.
+        let path = request.uri().path_and_query().map_or_else(|| request.uri().path().to_owned(), ToString::to_string);
         let body = self.read_body(request).await?;
         let jws = Jws::parse(&body)?;
         jws::check_url(jws.protected(), &self.url(&path))?;

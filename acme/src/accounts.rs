@@ -105,7 +105,7 @@ impl<S: Store, I: Issuer> AcmeServer<S, I> {
         let payload: NewAccountPayload = signed.jws.payload_json()?;
         let thumbprint = signed.key.thumbprint();
         if let Some(existing) = self.account_by_thumbprint(&thumbprint)? {
-            return Ok(self.account_response(StatusCode::OK, &existing.record));
+            return self.existing_account(&existing.record);
         }
         if payload.only_return_existing == Some(true) {
             return Err(Problem::new(
@@ -170,7 +170,7 @@ impl<S: Store, I: Issuer> AcmeServer<S, I> {
             ))),
             // The same key registered through another request at the same time.
             Err(StoreError::Conflict { .. }) => match self.account_by_thumbprint(&thumbprint)? {
-                Some(existing) => Ok(self.account_response(StatusCode::OK, &existing.record)),
+                Some(existing) => self.existing_account(&existing.record),
                 None => Err(Problem::internal("account creation conflicted, but no account has the key")),
             },
             Err(other) => Err(records::store_problem(other)),
@@ -192,6 +192,20 @@ impl<S: Store, I: Issuer> AcmeServer<S, I> {
             .map_err(|_| Problem::internal(format!("stored MAC key of key id {key_id:?} does not decode")))?;
         jws::verify_eab(binding, &hmac_key, &signed.key, &signed.jws.protected().url)?;
         Ok(stored)
+    }
+
+    /// Answers a newAccount for a key that already has an account. A deactivated account's key
+    /// is refused, as RFC 8555 section 7.3.6 requires for every request it signs.
+    fn existing_account(&self, record: &AccountRecord) -> Result<Response, Problem> {
+        if record.status != AccountStatus::Valid {
+            let status = serde_json::to_value(record.status).unwrap_or_default();
+            return Err(Problem::unauthorized(format!(
+                "account {} is {}; its key cannot be used again",
+                self.account_url(&record.id),
+                status.as_str().unwrap_or("not valid")
+            )));
+        }
+        Ok(self.account_response(StatusCode::OK, record))
     }
 
     fn account_by_thumbprint(&self, thumbprint: &str) -> Result<Option<Stored<AccountRecord>>, Problem> {

@@ -173,6 +173,12 @@ impl StateMachine {
                     already_recorded += skipped;
                 }
                 Ok(_) => {}
+                // A failed compare-and-set is the normal outcome of a race that the proposer
+                // resolves, such as a replayed ACME nonce, so it is not worth a warning.
+                Err(error @ LedgerError::KvConflict { .. }) => {
+                    self.counters.rejected_commands.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(index, position, %error, "key-value condition failed");
+                }
                 Err(error) => {
                     self.counters.rejected_commands.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(index, position, %error, "rejected ledger command");

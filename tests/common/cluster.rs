@@ -43,6 +43,8 @@ pub struct DevCluster {
     pub dir: PathBuf,
     nodes: u64,
     standby: u64,
+    /// Arguments added to every `sigil dev` command line, such as `--acme-resolver ADDR`.
+    extra_args: Vec<String>,
     dev: Option<Child>,
     /// Nodes this test started with `sigil serve`, by node id.
     served: BTreeMap<u64, Child>,
@@ -53,11 +55,26 @@ impl DevCluster {
     /// Creates a cluster of `nodes` members and `standby` prepared nodes with `sigil dev` and
     /// waits until every member is ready.
     pub async fn start(nodes: u64, standby: u64) -> DevCluster {
+        DevCluster::start_with_args(nodes, standby, &[]).await
+    }
+
+    /// Creates a cluster as `start` does, passing `extra_args` to `sigil dev`, such as
+    /// `--acme-resolver ADDR`.
+    pub async fn start_with_args(nodes: u64, standby: u64, extra_args: &[&str]) -> DevCluster {
         // A stale partition could match the ports that this cluster's nodes get.
         remove_stale_partitions();
         let root = tempfile::tempdir().expect("create temporary folder");
         let dir = root.path().join("dev");
-        let mut cluster = DevCluster { root, dir, nodes, standby, dev: None, served: BTreeMap::new(), endpoints: None };
+        let mut cluster = DevCluster {
+            root,
+            dir,
+            nodes,
+            standby,
+            extra_args: extra_args.iter().map(|arg| (*arg).to_owned()).collect(),
+            dev: None,
+            served: BTreeMap::new(),
+            endpoints: None,
+        };
         cluster.start_dev().await;
         cluster
     }
@@ -71,6 +88,7 @@ impl DevCluster {
             .args(["dev", "--dir"])
             .arg(&self.dir)
             .args(["--nodes", &self.nodes.to_string(), "--standby", &self.standby.to_string()])
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone dev.log handle"))
             .stderr(log)
@@ -389,13 +407,19 @@ impl DevCluster {
 
     /// Rewrites keys of the `[raft]` section in node `id`'s configuration.
     pub fn set_raft_options(&self, id: u64, options: &[(&str, toml::Value)]) {
+        self.set_options(id, "raft", options);
+    }
+
+    /// Rewrites keys of one top-level section, such as `acme`, in node `id`'s configuration. A
+    /// running node reads the change when it next starts.
+    pub fn set_options(&self, id: u64, section: &str, options: &[(&str, toml::Value)]) {
         let path = self.config_path(id);
         let mut table: toml::Table =
             std::fs::read_to_string(&path).expect("read sigil.toml").parse().expect("parse sigil.toml");
-        let raft = table.entry("raft").or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        let raft = raft.as_table_mut().expect("[raft] is a table");
+        let entry = table.entry(section).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let entry = entry.as_table_mut().unwrap_or_else(|| panic!("[{section}] is not a table in {}", path.display()));
         for (key, value) in options {
-            raft.insert((*key).to_owned(), value.clone());
+            entry.insert((*key).to_owned(), value.clone());
         }
         std::fs::write(&path, toml::to_string(&table).expect("encode sigil.toml")).expect("write sigil.toml");
     }

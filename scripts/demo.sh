@@ -154,5 +154,6 @@ wait "$dev_pid"
 dev_pid=""
 echo
 echo "demo: OK. SVIDs signed by SoftHSM-held keys on three nodes, verified by openssl, used for mutual TLS;"
+echo "demo: lego obtained a TLS server certificate over ACME from the same cluster;"
 echo "demo: the cluster kept issuing after its leader was killed, and every node converged to one ledger."
 echo "demo: files are in $work"

@@ -280,8 +280,8 @@ impl Session {
         Ok(String::from_utf8_lossy(&chain.body).into_owned())
     }
 
-    /// Polls an order until its status is one of `wanted`, honouring
-    /// Retry-After, and fails if it becomes invalid.
+    /// Polls an order every 50 ms at most until its status is one of
+    /// `wanted`, and fails if it becomes invalid.
     pub async fn wait_for_order(&mut self, order_url: &str, wanted: &[&str]) -> Result<Value, SessionError> {
         let deadline = tokio::time::Instant::now() + ORDER_LIMIT;
         loop {

@@ -86,6 +86,9 @@ pub async fn run(args: &DevArgs) -> anyhow::Result<()> {
 /// Most nodes (members and standby) of one dev deployment.
 const MAX_DEV_NODES: u64 = 7;
 
+/// Attempts to add one node to a starting dev cluster.
+const ADD_MEMBER_ATTEMPTS: u32 = 4;
+
 /// Label of the key-encryption key in every dev token.
 const DEV_KEK_LABEL: &str = "sigil-kek";
 
@@ -255,8 +258,25 @@ impl Layout {
         Ok(response.nodes.iter().flat_map(|node| node.voters.iter().chain(&node.learners).copied()).collect())
     }
 
-    /// Adds a started node to the cluster through the leader.
+    /// Adds a started node to the cluster through the leader. A membership change can miss its
+    /// commit timeout while the nodes are still starting on a busy machine, so it is retried; the
+    /// leader skips the steps that already took effect.
     async fn add_member(&self, config: &Config) -> anyhow::Result<()> {
+        let mut attempt = 1;
+        loop {
+            match self.try_add_member(config).await {
+                Ok(()) => return Ok(()),
+                Err(error) if attempt < ADD_MEMBER_ATTEMPTS => {
+                    warn!(node_id = config.node_id, attempt, %error, "adding the node failed; retrying in 1 s");
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    async fn try_add_member(&self, config: &Config) -> anyhow::Result<()> {
         let endpoints: Vec<NodeEndpoint> = (1..config.node_id)
             .map(|id| Config::load(&self.node_dir(id).join("sigil.toml")).map(|c| endpoint(&c)))
             .collect::<Result<_, _>>()?;
@@ -279,6 +299,7 @@ impl Layout {
             };
             match client.add_node(request).await {
                 Ok(_) => return Ok(()),
+                Err(status) if status.message().contains("is already a voter") => return Ok(()),
                 Err(status) => last_error = Some(format!("node {}: {}", candidate.id, status.message())),
             }
         }

@@ -88,6 +88,7 @@ impl Store for LedgerStore {
 }
 
 /// The node's issuance path as the ACME server's issuer.
+#[derive(Clone)]
 pub struct NodeIssuer {
     issuance: Arc<Issuance>,
     default_validity: Duration,
@@ -107,17 +108,6 @@ impl NodeIssuer {
 
     fn validity(&self, profile: &str) -> Duration {
         if profile == PROFILE_SHORT_LIVED { self.short_lived_validity } else { self.default_validity }
-    }
-}
-
-impl NodeIssuer {
-    fn clone_handle(&self) -> NodeIssuer {
-        NodeIssuer {
-            issuance: Arc::clone(&self.issuance),
-            default_validity: self.default_validity,
-            short_lived_validity: self.short_lived_validity,
-            publication: self.publication.clone(),
-        }
     }
 }
 
@@ -206,7 +196,7 @@ fn issue_problem(error: IssueError) -> Problem {
     }
 }
 
-/// The ACME settings of a node.
+/// Builds the ACME settings of a node from its configuration.
 pub fn settings(config: &Config, listen: SocketAddr) -> anyhow::Result<AcmeSettings> {
     let acme = &config.acme;
     let base_url = acme.base_url.clone().unwrap_or_else(|| format!("https://{listen}"));
@@ -285,7 +275,7 @@ async fn start_with_retries(
     let mut attempt = 0u32;
     loop {
         let store = LedgerStore::new(Arc::clone(&replica));
-        match AcmeServer::start(settings.clone(), store, issuer.clone_handle(), validator.clone()).await {
+        match AcmeServer::start(settings.clone(), store, issuer.clone(), validator.clone()).await {
             Ok(server) => return Some(server),
             Err(problem) => {
                 attempt += 1;

@@ -259,7 +259,7 @@ impl Layout {
     }
 
     /// Adds a started node to the cluster through the leader. A membership change can miss its
-    /// commit timeout while the nodes are still starting on a busy machine, so it is retried; the
+    /// commit timeout while the nodes are still starting on a busy machine, so it is retried. The
     /// leader skips the steps that already took effect.
     async fn add_member(&self, config: &Config) -> anyhow::Result<()> {
         let mut attempt = 1;

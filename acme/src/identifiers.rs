@@ -172,6 +172,7 @@ mod tests {
             &settings(),
         )
         .expect_err("refused");
-        assert!(problem.is(ProblemType::UnsupportedIdentifier) && problem.detail.contains("email"), "{problem}");
+        assert!(problem.is(ProblemType::UnsupportedIdentifier), "{problem}");
+        assert!(problem.detail.contains("email"), "{problem}");
     }
 }

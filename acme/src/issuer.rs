@@ -1,4 +1,4 @@
-//! The issuer the ACME server asks to check CSRs and sign certificates.
+//! The issuer that checks CSRs and signs certificates for the ACME server.
 
 use std::future::Future;
 
@@ -7,7 +7,7 @@ use time::OffsetDateTime;
 use crate::problem::Problem;
 use crate::types::Identifier;
 
-/// What a CSR asks for, after the issuer's checks passed.
+/// The identifiers and key of a CSR that passed the issuer's checks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CsrSummary {
     /// The CSR's names: dns values in lower case without a trailing dot,

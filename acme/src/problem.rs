@@ -41,7 +41,7 @@ pub enum ProblemType {
 }
 
 impl ProblemType {
-    /// The full URN of this type.
+    /// Returns the full URN of this type.
     pub fn urn(self) -> &'static str {
         match self {
             ProblemType::AccountDoesNotExist => "urn:ietf:params:acme:error:accountDoesNotExist",
@@ -73,7 +73,7 @@ impl ProblemType {
         }
     }
 
-    /// The HTTP status a problem of this type is answered with.
+    /// Returns the HTTP status a problem of this type is sent with.
     pub fn status(self) -> u16 {
         match self {
             ProblemType::AccountDoesNotExist => 400,
@@ -137,7 +137,7 @@ impl Problem {
         Problem::new(ProblemType::ServerInternal, detail)
     }
 
-    /// Sets the HTTP status, for the few answers whose status is not the
+    /// Sets the HTTP status, for the few responses whose status is not the
     /// type's usual one (404 for an unknown resource, 405, 409, 413).
     pub fn with_status(mut self, status: u16) -> Problem {
         self.status = status;

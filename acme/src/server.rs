@@ -64,7 +64,7 @@ pub(crate) fn now_unix() -> i64 {
 }
 
 impl<S: Store, I: Issuer> AcmeServer<S, I> {
-    /// Creates the server and makes sure the store holds the shared nonce
+    /// Creates the server and makes sure the store contains the shared nonce
     /// key, creating it if this is the first node to start.
     pub async fn start(
         settings: AcmeSettings,
@@ -86,7 +86,7 @@ impl<S: Store, I: Issuer> AcmeServer<S, I> {
         &self.store
     }
 
-    /// The routes, to be served under the node's HTTPS listener.
+    /// Builds the routes, to be served under the node's HTTPS listener.
     pub fn router(self: &Arc<Self>) -> Router {
         Router::new()
             .route("/acme/directory", get(directory::<S, I>))
@@ -115,7 +115,7 @@ impl<S: Store, I: Issuer> AcmeServer<S, I> {
         self.url(&format!("/acme/account/{id}"))
     }
 
-    /// A fresh nonce.
+    /// Issues a fresh nonce.
     pub(crate) fn nonce(&self) -> String {
         self.nonces.issue(now_unix() + self.settings.nonce_lifetime.as_secs() as i64)
     }
@@ -214,7 +214,7 @@ impl<S: Store, I: Issuer> AcmeServer<S, I> {
         }
     }
 
-    /// A JSON answer with the headers every answer carries.
+    /// Builds a JSON response with the headers every response carries.
     pub(crate) fn json(&self, status: StatusCode, body: &impl Serialize, mut headers: HeaderMap) -> Response {
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         let body = serde_json::to_vec(body).expect("ACME resources serialize to JSON");
@@ -227,7 +227,7 @@ impl<S: Store, I: Issuer> AcmeServer<S, I> {
     }
 
     pub(crate) fn problem(&self, problem: Problem) -> Response {
-        tracing::debug!(kind = %problem.kind, detail = %problem.detail, "ACME request refused");
+        tracing::debug!(kind = %problem.kind, detail = %problem.detail, "ACME request rejected");
         let status = StatusCode::from_u16(problem.status).unwrap_or(StatusCode::BAD_REQUEST);
         let mut headers = HeaderMap::new();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
@@ -249,7 +249,7 @@ impl<S: Store, I: Issuer> AcmeServer<S, I> {
         }
     }
 
-    /// Turns a handler's result into the answer.
+    /// Turns a handler's result into the response.
     pub(crate) fn finish(&self, result: Result<Response, Problem>) -> Response {
         result.unwrap_or_else(|problem| self.problem(problem))
     }

@@ -31,7 +31,7 @@ fn failed(step: &str, error: impl std::fmt::Display) -> SessionError {
     SessionError(format!("{step}: {error}"))
 }
 
-/// One HTTP answer.
+/// One HTTP response.
 #[derive(Debug, Clone)]
 pub struct Reply {
     pub status: StatusCode,
@@ -44,7 +44,7 @@ impl Reply {
         serde_json::from_slice(&self.body).unwrap_or(Value::Null)
     }
 
-    /// The problem document, if the answer is one.
+    /// Returns the problem document, if the response is one.
     pub fn problem(&self) -> Option<Problem> {
         let is_problem = self
             .headers
@@ -57,7 +57,7 @@ impl Reply {
         self.headers.get(name).and_then(|value| value.to_str().ok()).map(str::to_owned)
     }
 
-    /// Every value of a header, such as each `Link`.
+    /// Returns every value of a header, such as each `Link`.
     pub fn headers_named(&self, name: &str) -> Vec<String> {
         self.headers.get_all(name).iter().filter_map(|value| value.to_str().ok()).map(str::to_owned).collect()
     }
@@ -106,7 +106,7 @@ impl Session {
         };
         let reply = session.request(Method::GET, directory_url, None).await?;
         if reply.status != StatusCode::OK {
-            return Err(SessionError(format!("directory {directory_url} answered {}", reply.status)));
+            return Err(SessionError(format!("directory {directory_url} responded with {}", reply.status)));
         }
         session.directory = reply.json();
         Ok(session)
@@ -116,12 +116,12 @@ impl Session {
         &self.directory
     }
 
-    /// The URL of a directory entry, such as "newOrder".
+    /// Returns the URL of a directory entry, such as "newOrder".
     pub fn url(&self, entry: &str) -> String {
         self.directory[entry].as_str().unwrap_or_default().to_owned()
     }
 
-    /// Sends a request and keeps the nonce of its answer.
+    /// Sends a request and keeps the nonce of its response.
     pub async fn request(
         &mut self,
         method: Method,
@@ -132,7 +132,7 @@ impl Session {
             Ok(reply) => reply?,
             Err(_) => {
                 self.sender = None;
-                return Err(SessionError(format!("{url} did not answer within {REQUEST_TIMEOUT:?}")));
+                return Err(SessionError(format!("{url} timed out after {REQUEST_TIMEOUT:?}")));
             }
         };
         if let Some(nonce) = reply.nonce() {
@@ -185,7 +185,7 @@ impl Session {
         Ok(sender)
     }
 
-    /// A nonce from the last answer, or a new one from newNonce.
+    /// Returns the nonce of the last response, or a new one from newNonce.
     pub async fn nonce(&mut self) -> Result<String, SessionError> {
         if let Some(nonce) = self.nonce.take() {
             return Ok(nonce);
@@ -299,7 +299,7 @@ impl Session {
                 return Err(SessionError(format!("order {order_url} is still {status} after {ORDER_LIMIT:?}")));
             }
             let wait = reply.header("retry-after").and_then(|value| value.parse::<u64>().ok()).unwrap_or(1);
-            // Validation on loopback takes milliseconds, so poll faster than Retry-After asks.
+            // Validation on loopback takes milliseconds, so poll faster than Retry-After suggests.
             tokio::time::sleep(Duration::from_millis((wait * 1000).min(50))).await;
         }
     }
@@ -309,7 +309,7 @@ fn expect_status(reply: &Reply, expected: StatusCode, step: &str) -> Result<(), 
     if reply.status == expected {
         return Ok(());
     }
-    Err(SessionError(format!("{step} answered {}: {}", reply.status, String::from_utf8_lossy(&reply.body))))
+    Err(SessionError(format!("{step} responded with {}: {}", reply.status, String::from_utf8_lossy(&reply.body))))
 }
 
 fn path_of(url: &str) -> String {
@@ -336,7 +336,7 @@ fn connector(roots_pem: &[u8]) -> Result<tokio_rustls::TlsConnector, SessionErro
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
-/// The DER certificates of a PEM text.
+/// Returns the DER certificates of a PEM text.
 pub fn pem_certificates(pem: &[u8]) -> Vec<Vec<u8>> {
     use base64::Engine;
     let text = String::from_utf8_lossy(pem);

@@ -132,6 +132,28 @@ pub enum CaCommand {
         #[arg(long, value_parser = humantime::parse_duration, default_value = "30days")]
         ttl: Duration,
     },
+    /// Prepare a new CA version with a new development root on the running cluster. The new root
+    /// joins the trust bundle at once; the new intermediate signs after --activate-after. The old
+    /// root stays in the bundle until the old intermediate expires.
+    Rotate {
+        #[command(flatten)]
+        target: Target,
+        /// Time until the new intermediate starts to sign, such as 1h or 30m.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+        activate_after: Duration,
+        /// Validity of the new intermediate; by default that of the current one.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        validity: Option<Duration>,
+    },
+    /// Mark a root of the trust bundle as compromised. Downstream SPIRE servers rotate away from
+    /// it at once, and the cluster signs with the newest version under another root.
+    Taint {
+        #[command(flatten)]
+        target: Target,
+        /// SHA-256 fingerprint of the root certificate, hex (colons allowed).
+        #[arg(long)]
+        fingerprint: String,
+    },
     /// Issue the node certificate of a new node from the CA of this stopped node: the new node's
     /// SPIFFE ID and TLS names come from its configuration, and the files go to its
     /// DATA_DIR/node-tls. For building a cluster before its nodes first start.
@@ -312,6 +334,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Ca(CaCommand::IssueClient { config, spiffe_id, out, ttl }) => {
             runtime()?.block_on(crate::setup::issue_client(&config, &spiffe_id, &out, ttl))
+        }
+        Command::Ca(command @ (CaCommand::Rotate { .. } | CaCommand::Taint { .. })) => {
+            runtime()?.block_on(crate::client::ca_rotation(command))
         }
         Command::Ca(CaCommand::IssueNodeCertificate { config, node_config }) => {
             runtime()?.block_on(crate::setup::issue_node_certificate(&config, &node_config))

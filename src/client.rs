@@ -347,6 +347,42 @@ fn status_json(response: &crate::proto::GetStatusResponse) -> serde_json::Value 
 /// # Errors
 ///
 /// Fails when the node cannot be reached or refuses the request.
+/// Runs `sigil ca rotate` and `sigil ca taint` against a running node.
+///
+/// # Errors
+///
+/// Fails when the node cannot be reached or rejects the request.
+pub async fn ca_rotation(command: crate::cli::CaCommand) -> anyhow::Result<()> {
+    use crate::cli::CaCommand;
+    use crate::proto::{RotateCaRequest, TaintCaRootRequest};
+
+    let rejected = |status: tonic::Status| {
+        anyhow::anyhow!("request rejected by the node: {:?}: {}", status.code(), status.message())
+    };
+    match command {
+        CaCommand::Rotate { target, activate_after, validity } => {
+            let mut client = AdminClient::new(Connection::from_target(&target)?.connect().await?);
+            let request = RotateCaRequest {
+                activate_after_seconds: activate_after.as_secs().max(1),
+                validity_seconds: validity.map_or(0, |validity| validity.as_secs()),
+            };
+            let rotated = client.rotate_ca(request).await.map_err(rejected)?.into_inner();
+            let activate_at = crate::audit::rfc3339_from_unix(rotated.activate_at).unwrap_or_default();
+            println!("prepared CA version {}", rotated.version);
+            println!("new root SHA-256: {}", rotated.root_fingerprint_sha256);
+            println!("signs from: {activate_at}");
+        }
+        CaCommand::Taint { target, fingerprint } => {
+            let mut client = AdminClient::new(Connection::from_target(&target)?.connect().await?);
+            let request = TaintCaRootRequest { root_fingerprint_sha256: fingerprint.clone() };
+            let response = client.taint_ca_root(request).await.map_err(rejected)?.into_inner();
+            println!("root {fingerprint} is tainted; CA version {} signs now", response.signing_version);
+        }
+        other => bail!("{other:?} is not a rotation command"),
+    }
+    Ok(())
+}
+
 pub async fn acme_eab(command: crate::cli::EabCommand) -> anyhow::Result<()> {
     use crate::cli::EabCommand;
     use crate::proto::{CreateAcmeEabKeyRequest, DeleteAcmeEabKeyRequest, ListAcmeEabKeysRequest};

@@ -12,8 +12,8 @@ use crate::proto::{
     AcmeEabKey, AddNodeRequest, CaStatus, CreateAcmeEabKeyRequest, CreateAcmeEabKeyResponse, DeleteAcmeEabKeyRequest,
     DeleteAcmeEabKeyResponse, GetStatusRequest, GetStatusResponse, GetTrustBundleRequest, GetTrustBundleResponse,
     HsmStatus, IssueNodeCertificateRequest, IssueNodeCertificateResponse, ListAcmeEabKeysRequest,
-    ListAcmeEabKeysResponse, MembershipResponse, NodeStatus, RemoveNodeRequest, SignX509SvidRequest,
-    SignX509SvidResponse,
+    ListAcmeEabKeysResponse, MembershipResponse, NodeStatus, RemoveNodeRequest, RotateCaRequest, RotateCaResponse,
+    SignX509SvidRequest, SignX509SvidResponse, TaintCaRootRequest, TaintCaRootResponse,
 };
 use crate::replica::MembershipError;
 use crate::tls::caller_spiffe_id;
@@ -136,6 +136,8 @@ pub struct AdminService {
     node: NodeInfo,
     health: crate::metrics::Health,
     node_cert_ttl: std::time::Duration,
+    /// What CA rotation needs: the node configuration and its HSM.
+    rotation: Option<(Arc<crate::config::Config>, sigil_hsm::Hsm)>,
 }
 
 impl AdminService {
@@ -145,7 +147,14 @@ impl AdminService {
         health: crate::metrics::Health,
         node_cert_ttl: std::time::Duration,
     ) -> AdminService {
-        AdminService { issuance, node, health, node_cert_ttl }
+        AdminService { issuance, node, health, node_cert_ttl, rotation: None }
+    }
+
+    /// Lets the service rotate the CA with the node's configuration and HSM.
+    #[must_use]
+    pub fn with_rotation(mut self, config: Arc<crate::config::Config>, hsm: sigil_hsm::Hsm) -> AdminService {
+        self.rotation = Some((config, hsm));
+        self
     }
 }
 
@@ -270,7 +279,7 @@ impl Admin for AdminService {
         let settings = self.issuance.settings();
         let spiffe_id = crate::peer_tls::node_spiffe_id(&settings.trust_domain, request.node_id);
         tracing::info!(request_id, %caller, node = request.node_id, "node certificate requested");
-        let leaf = self
+        let issued = self
             .issuance
             .issue_internal(
                 crate::issuance::PROFILE_NODE_TLS,
@@ -285,10 +294,9 @@ impl Admin for AdminService {
                 tracing::warn!(request_id, node = request.node_id, %error, "node certificate failed");
                 status_from(&error)
             })?;
-        let chain = self.issuance.ca().chain();
-        let mut certificates = vec![leaf.der];
-        certificates.extend(chain.intermediates_der.iter().cloned());
-        Ok(Response::new(IssueNodeCertificateResponse { chain: certificates, roots: chain.roots_der.clone() }))
+        let mut certificates = vec![issued.leaf.der];
+        certificates.extend(issued.intermediates_der);
+        Ok(Response::new(IssueNodeCertificateResponse { chain: certificates, roots: issued.roots_der }))
     }
 
     async fn create_acme_eab_key(
@@ -337,12 +345,60 @@ impl Admin for AdminService {
         Ok(Response::new(DeleteAcmeEabKeyResponse {}))
     }
 
+    async fn rotate_ca(&self, request: Request<RotateCaRequest>) -> Result<Response<RotateCaResponse>, Status> {
+        let (request_id, caller) = self.admin(&request)?;
+        let request = request.into_inner();
+        let (config, hsm) =
+            self.rotation.clone().ok_or_else(|| Status::unimplemented("this node cannot rotate its CA"))?;
+        let activate_after = match request.activate_after_seconds {
+            0 => crate::rotation::DEFAULT_ACTIVATE_AFTER,
+            seconds => std::time::Duration::from_secs(seconds),
+        };
+        let validity = (request.validity_seconds > 0).then(|| std::time::Duration::from_secs(request.validity_seconds));
+        if validity.is_some_and(|validity| validity < std::time::Duration::from_secs(3600)) {
+            return Err(Status::invalid_argument(format!(
+                "validity_seconds {} is too short: a CA must be valid for at least 3600 seconds",
+                request.validity_seconds
+            )));
+        }
+        tracing::info!(request_id, %caller, activate_after_s = activate_after.as_secs(), "CA rotation requested");
+        let rotated = crate::rotation::rotate(config, hsm, Arc::clone(&self.issuance), activate_after, validity)
+            .await
+            .map_err(|error| {
+                tracing::warn!(request_id, error = format!("{error:#}"), "CA rotation failed");
+                Status::failed_precondition(format!("{error:#}"))
+            })?;
+        Ok(Response::new(RotateCaResponse {
+            version: rotated.version,
+            root_fingerprint_sha256: hex::encode(ring::digest::digest(&ring::digest::SHA256, &rotated.root_der)),
+            activate_at: rotated.activate_at,
+            intermediate: rotated.intermediate_der,
+            root: rotated.root_der,
+        }))
+    }
+
+    async fn taint_ca_root(
+        &self,
+        request: Request<TaintCaRootRequest>,
+    ) -> Result<Response<TaintCaRootResponse>, Status> {
+        let (request_id, caller) = self.admin(&request)?;
+        let fingerprint = request.into_inner().root_fingerprint_sha256;
+        self.issuance.replica().sync_read().await.map_err(|error| Status::unavailable(error.to_string()))?;
+        let signing_version =
+            crate::rotation::taint_root(&self.issuance, &fingerprint, caller.as_str()).await.map_err(|error| {
+                tracing::warn!(request_id, error = format!("{error:#}"), "tainting a root failed");
+                Status::failed_precondition(format!("{error:#}"))
+            })?;
+        Ok(Response::new(TaintCaRootResponse { signing_version }))
+    }
+
     async fn get_status(&self, request: Request<GetStatusRequest>) -> Result<Response<GetStatusResponse>, Status> {
         self.admin(&request)?;
 
         let ledger = self.issuance.ledger();
-        let summary = self.issuance.ca().summary();
-        let ca_version = ledger.active_ca().ok().flatten().map_or(0, |ca| ca.version);
+        let ca = self.issuance.ca();
+        let summary = ca.summary();
+        let ca_version = self.issuance.ca_version();
         let raft = self.issuance.replica().status();
         let (applied_index, digest) = ledger.applied_state();
         let node = NodeStatus {

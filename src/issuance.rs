@@ -3,13 +3,16 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
 
 use time::OffsetDateTime;
 use tracing::{info, warn};
 
 use crate::audit::{AuditEvent, AuditLog, Decision};
-use crate::ca::{CaError, DownstreamCaRequest, IssuedLeaf, IssuingCa, LeafRequest, LeafUsage, Publication};
+use crate::ca::{CaChain, CaError, DownstreamCaRequest, IssuedLeaf, IssuingCa, LeafRequest, LeafUsage, Publication};
 use crate::config::PolicyMode;
 use crate::csr::{CsrError, check_csr};
 use crate::ledger::{IssuanceRecord, Ledger, LedgerError};
@@ -124,7 +127,11 @@ pub struct IssuanceSettings {
 
 /// The node's issuance service.
 pub struct Issuance {
-    ca: Arc<IssuingCa>,
+    /// The CA that signs now. CA rotation replaces it while requests are in flight, so each
+    /// request loads it once and answers with the chain of the CA that signed.
+    ca: ArcSwap<IssuingCa>,
+    /// Ledger version of `ca`; 0 until the node sets it.
+    ca_version: AtomicU64,
     policy: Policy,
     replica: Arc<Replica>,
     audit: Arc<AuditLog>,
@@ -141,11 +148,23 @@ impl Issuance {
         metrics: Metrics,
         settings: IssuanceSettings,
     ) -> Issuance {
-        Issuance { ca, policy, replica, audit, metrics, settings }
+        Issuance { ca: ArcSwap::new(ca), ca_version: AtomicU64::new(0), policy, replica, audit, metrics, settings }
     }
 
-    pub fn ca(&self) -> &Arc<IssuingCa> {
-        &self.ca
+    /// Returns the CA that signs now.
+    pub fn ca(&self) -> Arc<IssuingCa> {
+        self.ca.load_full()
+    }
+
+    /// Returns the ledger version of the CA that signs now.
+    pub fn ca_version(&self) -> u64 {
+        self.ca_version.load(Ordering::Acquire)
+    }
+
+    /// Makes `ca`, ledger version `version`, the CA that signs from now on.
+    pub fn replace_ca(&self, version: u64, ca: Arc<IssuingCa>) {
+        self.ca.store(ca);
+        self.ca_version.store(version, Ordering::Release);
     }
 
     pub fn policy(&self) -> &Policy {
@@ -261,11 +280,9 @@ impl Issuance {
             ip_addresses: &[],
             ttl,
         };
-        let leaf = self.sign_blocking(&leaf_request).await?;
+        let (leaf, chain) = self.sign_blocking(&leaf_request).await?;
         self.record(&leaf, checked.spiffe_id.as_str(), caller.as_str(), profile).await?;
-
-        let chain = self.ca.chain();
-        Ok(IssuedSvid { leaf, intermediates_der: chain.intermediates_der.clone(), roots_der: chain.roots_der.clone() })
+        Ok(IssuedSvid { leaf, intermediates_der: chain.intermediates_der, roots_der: chain.roots_der })
     }
 
     /// Mints a CA certificate for a downstream CA, such as a SPIRE server, and records it. Writes
@@ -331,7 +348,8 @@ impl Issuance {
         let ttl = mint_ttl(request.preferred_ttl_seconds, request.max_ttl, &mut warnings)?;
         event.ttl_seconds = Some(ttl.as_secs());
         let now = OffsetDateTime::now_utc();
-        warn_if_long_lived(now, ttl, self.ca.summary().not_after, &mut warnings);
+        let ca = self.ca();
+        warn_if_long_lived(now, ttl, ca.summary().not_after, &mut warnings);
 
         let ca_request = DownstreamCaRequest {
             spki_der: &checked.spki_der,
@@ -340,15 +358,10 @@ impl Issuance {
             path_len: request.path_len,
             ttl,
         };
-        let certificate = self.sign_ca_blocking(&ca_request).await?;
+        let certificate = self.sign_ca_blocking(Arc::clone(&ca), &ca_request).await?;
         let spiffe_id = format!("spiffe://{trust_domain}");
         self.record(&certificate, &spiffe_id, caller.as_str(), PROFILE_DOWNSTREAM_CA).await?;
-        Ok(MintedCa {
-            certificate,
-            trust_domain,
-            intermediates_der: self.ca.chain().intermediates_der.clone(),
-            warnings,
-        })
+        Ok(MintedCa { certificate, trust_domain, intermediates_der: ca.chain().intermediates_der.clone(), warnings })
     }
 
     /// Decides whether `caller` may act for `trust_domain`, honouring monitor mode.
@@ -377,8 +390,11 @@ impl Issuance {
         Err(denial.into())
     }
 
-    async fn sign_ca_blocking(&self, request: &DownstreamCaRequest<'_>) -> Result<IssuedLeaf, IssueError> {
-        let ca = Arc::clone(&self.ca);
+    async fn sign_ca_blocking(
+        &self,
+        ca: Arc<IssuingCa>,
+        request: &DownstreamCaRequest<'_>,
+    ) -> Result<IssuedLeaf, IssueError> {
         let spki = request.spki_der.to_vec();
         let trust_domain = request.trust_domain.to_owned();
         let subject = request.subject.to_vec();
@@ -448,15 +464,15 @@ impl Issuance {
             ip_addresses: &checked.ip_addresses,
             ttl: request.ttl,
         };
-        let leaf = self.sign_blocking(&leaf_request).await?;
+        let (leaf, chain) = self.sign_blocking(&leaf_request).await?;
         self.record(&leaf, "", request.account, request.profile).await?;
-        let chain = self.ca.chain();
-        Ok(IssuedSvid { leaf, intermediates_der: chain.intermediates_der.clone(), roots_der: chain.roots_der.clone() })
+        Ok(IssuedSvid { leaf, intermediates_der: chain.intermediates_der, roots_der: chain.roots_der })
     }
 
     /// Rejects requests once the intermediate has expired, since every leaf would be invalid.
     fn check_ca_valid(&self) -> Result<(), IssueError> {
-        let summary = self.ca.summary();
+        let ca = self.ca();
+        let summary = ca.summary();
         if summary.not_after <= OffsetDateTime::now_utc() {
             return Err(IssueError::CaUnavailable(CaError::Expired {
                 subject: summary.subject.clone(),
@@ -498,9 +514,10 @@ impl Issuance {
         Err(denial.into())
     }
 
-    /// Builds and signs a leaf on the blocking thread pool, since HSM calls block.
-    async fn sign_blocking(&self, request: &LeafRequest<'_>) -> Result<IssuedLeaf, IssueError> {
-        let ca = Arc::clone(&self.ca);
+    /// Builds and signs a leaf on the blocking thread pool, since HSM calls block. Returns the
+    /// chain of the CA that signed it too.
+    async fn sign_blocking(&self, request: &LeafRequest<'_>) -> Result<(IssuedLeaf, CaChain), IssueError> {
+        let ca = self.ca();
         let spki = request.spki_der.to_vec();
         let spiffe_id = request.spiffe_id.to_owned();
         let dns_names = request.dns_names.to_vec();
@@ -519,7 +536,7 @@ impl Issuance {
                 ip_addresses: &ip_addresses,
                 ttl,
             };
-            ca.issue_leaf(&request, OffsetDateTime::now_utc())
+            ca.issue_leaf(&request, OffsetDateTime::now_utc()).map(|leaf| (leaf, ca.chain().clone()))
         })
         .await
         .map_err(|e| IssueError::Internal(format!("signing task failed: {e}")))?;
@@ -560,7 +577,7 @@ impl Issuance {
         dns_names: &[String],
         ip_addresses: &[std::net::IpAddr],
         ttl: Duration,
-    ) -> Result<IssuedLeaf, IssueError> {
+    ) -> Result<IssuedSvid, IssueError> {
         let request = LeafRequest {
             usage: LeafUsage::Svid,
             spki_der,
@@ -571,7 +588,7 @@ impl Issuance {
             ip_addresses,
             ttl,
         };
-        let leaf = self.sign_blocking(&request).await?;
+        let (leaf, chain) = self.sign_blocking(&request).await?;
         self.record(&leaf, spiffe_id, spiffe_id, profile).await?;
         let request_id = format!("{profile}-{:016x}", rand::random::<u64>());
         let mut event = AuditEvent::new(self.settings.node_id, request_id, profile, Decision::Issued);
@@ -581,7 +598,7 @@ impl Issuance {
         event.ttl_seconds = Some(ttl.as_secs());
         record_issued(&mut event, &leaf);
         self.audit.log(event);
-        Ok(leaf)
+        Ok(IssuedSvid { leaf, intermediates_der: chain.intermediates_der, roots_der: chain.roots_der })
     }
 }
 

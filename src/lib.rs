@@ -24,6 +24,7 @@ pub mod node_tls;
 pub mod peer_tls;
 pub mod policy;
 pub mod replica;
+pub mod rotation;
 pub mod server;
 pub mod setup;
 pub mod spiffe_id;

@@ -88,7 +88,7 @@ async fn sign_crl(publisher: &Publisher) -> anyhow::Result<Vec<u8>> {
             reason: entry.reason,
         })
         .collect();
-    let ca = Arc::clone(publisher.issuance.ca());
+    let ca = publisher.issuance.ca();
     let now = OffsetDateTime::now_utc();
     // The CRL number only has to increase; the signing time in seconds does, on every node.
     let number = u64::try_from(now.unix_timestamp()).unwrap_or(0);

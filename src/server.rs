@@ -17,7 +17,7 @@ use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
 use crate::audit::AuditLog;
 use crate::authority::AuthorityService;
-use crate::ca::{CaChain, HsmSigner, IssuingCa};
+use crate::ca::IssuingCa;
 use crate::config::Config;
 use crate::grpc::{AdminService, IssuerService, NodeInfo};
 use crate::issuance::{Issuance, IssuanceSettings};
@@ -32,7 +32,7 @@ use crate::proto::admin_server::AdminServer;
 use crate::proto::authority_server::AuthorityServer;
 use crate::proto::issuer_server::IssuerServer;
 use crate::replica::{Replica, ReplicaSettings};
-use crate::tls::{NodeCertResolver, certified_key, server_config};
+use crate::tls::{ClientTrust, NodeCertResolver, certified_key, server_config};
 
 /// TLS handshakes that take longer than this are dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -72,15 +72,12 @@ const HSM_OPEN_ATTEMPTS: u32 = 5;
 /// # Errors
 ///
 /// Fails when no CA is installed, the key is missing, or it does not match the certificate.
-pub fn load_ca(config: &Config, ledger: &Ledger, hsm: &Hsm) -> anyhow::Result<IssuingCa> {
-    let active = ledger.active_ca().context("read CA from ledger")?.ok_or(crate::ca::CaError::NotInstalled)?;
-    let key =
-        hsm.find_key(&active.key_label).with_context(|| format!("find CA key {:?} in the HSM", active.key_label))?;
-    let signer = HsmSigner::new(hsm.clone(), key)?;
-    let chain = CaChain { intermediates_der: active.intermediates_der.clone(), roots_der: active.roots_der.clone() };
-    let ca = IssuingCa::load(signer, chain, &config.ca.organization, config.issuance.backdate)
+pub fn load_ca(config: &Config, ledger: &Ledger, hsm: &Hsm) -> anyhow::Result<(u64, IssuingCa)> {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let version = crate::rotation::signing_version(ledger, now)?.ok_or(crate::ca::CaError::NotInstalled)?;
+    let ca = crate::rotation::load_version(config, hsm, &version)
         .context("refusing to start: the CA in the ledger is unusable")?;
-    Ok(ca)
+    Ok((version.version, ca))
 }
 
 /// Runs a node until SIGINT or SIGTERM.
@@ -121,12 +118,14 @@ async fn serve_node(config: Config) -> anyhow::Result<()> {
     let mut raft_listener = Some(raft_listener);
     let mut raft_server = None;
     let mut resolver = None;
+    let mut client_trust = None;
     if let Some(identity) = &identity {
         let node_resolver = Arc::new(NodeCertResolver::new(identity.key.clone()));
         peer_tls.set_identity(&identity.roots_der, Arc::clone(&node_resolver))?;
+        let trust = ClientTrust::new(&identity.roots_der)?;
         raft_server = Some(serve_raft(
             raft_listener.take(),
-            &identity.roots_der,
+            &trust,
             &node_resolver,
             &replica,
             &peer_tls,
@@ -134,6 +133,7 @@ async fn serve_node(config: Config) -> anyhow::Result<()> {
             &shutdown_rx,
         )?);
         resolver = Some(node_resolver);
+        client_trust = Some(trust);
     }
 
     let committed = replica.status().commit_index;
@@ -147,7 +147,16 @@ async fn serve_node(config: Config) -> anyhow::Result<()> {
         }
     }
 
-    let ca = Arc::new(load_ca(&config, replica.ledger(), &hsm)?);
+    let (ca_version, ca) = load_ca(&config, replica.ledger(), &hsm)?;
+    let ca = Arc::new(ca);
+    let trusted_roots = crate::rotation::trusted_roots(replica.ledger())?;
+    let client_trust = match client_trust {
+        Some(trust) => {
+            trust.replace(&trusted_roots)?;
+            trust
+        }
+        None => ClientTrust::new(&trusted_roots)?,
+    };
     metrics
         .ca_not_after
         .with_label_values(&[&ca.summary().subject])
@@ -171,6 +180,7 @@ async fn serve_node(config: Config) -> anyhow::Result<()> {
         metrics.clone(),
         settings,
     ));
+    issuance.replace_ca(ca_version, Arc::clone(&ca));
 
     let resolver = match resolver {
         Some(resolver) => resolver,
@@ -183,10 +193,10 @@ async fn serve_node(config: Config) -> anyhow::Result<()> {
                 );
             }
             let resolver = Arc::new(NodeCertResolver::new(issue_node_key(&config, &issuance).await?));
-            peer_tls.set_identity(&ca.chain().roots_der, Arc::clone(&resolver))?;
+            peer_tls.set_identity(&trusted_roots, Arc::clone(&resolver))?;
             raft_server = Some(serve_raft(
                 raft_listener.take(),
-                &ca.chain().roots_der,
+                &client_trust,
                 &resolver,
                 &replica,
                 &peer_tls,
@@ -196,7 +206,7 @@ async fn serve_node(config: Config) -> anyhow::Result<()> {
             resolver
         }
     };
-    let tls = server_config(&ca.chain().roots_der, Arc::clone(&resolver))?;
+    let tls = server_config(&client_trust, Arc::clone(&resolver))?;
     let grpc_listener = TcpListener::bind(config.listen.grpc)
         .await
         .with_context(|| format!("bind gRPC listener {}", config.listen.grpc))?;
@@ -217,7 +227,7 @@ async fn serve_node(config: Config) -> anyhow::Result<()> {
         renew_node_certificate(
             config.clone(),
             Arc::clone(&issuance),
-            resolver,
+            Arc::clone(&resolver),
             identity.map(|i| (i.not_before, i.not_after)),
             shutdown_rx.clone(),
         )
@@ -233,6 +243,25 @@ async fn serve_node(config: Config) -> anyhow::Result<()> {
         )
         .in_current_span(),
     );
+    let keep_trust = tokio::spawn(
+        crate::rotation::keep_trust(
+            Arc::clone(replica.ledger()),
+            Arc::clone(&client_trust),
+            Arc::clone(&peer_tls),
+            Arc::clone(&resolver),
+            shutdown_rx.clone(),
+        )
+        .in_current_span(),
+    );
+    let keep_signing_ca = tokio::spawn(
+        crate::rotation::keep_signing_ca(
+            Arc::new(config.clone()),
+            hsm.clone(),
+            Arc::clone(&issuance),
+            shutdown_rx.clone(),
+        )
+        .in_current_span(),
+    );
     let watch_health = tokio::spawn(
         report_raft_state(Arc::clone(&replica), health.clone(), metrics.clone(), shutdown_rx.clone()).in_current_span(),
     );
@@ -241,12 +270,10 @@ async fn serve_node(config: Config) -> anyhow::Result<()> {
     let incoming = accept_tls(grpc_listener, TlsAcceptor::from(Arc::new(tls)), shutdown_rx.clone());
     let grpc = tonic::transport::Server::builder()
         .add_service(IssuerServer::new(IssuerService::new(Arc::clone(&issuance))))
-        .add_service(AdminServer::new(AdminService::new(
-            Arc::clone(&issuance),
-            node,
-            health.clone(),
-            config.issuance.node_cert_ttl,
-        )))
+        .add_service(AdminServer::new(
+            AdminService::new(Arc::clone(&issuance), node, health.clone(), config.issuance.node_cert_ttl)
+                .with_rotation(Arc::new(config.clone()), hsm.clone()),
+        ))
         .add_service(AuthorityServer::new(AuthorityService::new(
             Arc::clone(&issuance),
             config.downstream.clone(),
@@ -278,6 +305,8 @@ async fn serve_node(config: Config) -> anyhow::Result<()> {
     renewal.abort();
     purge.abort();
     watch_health.abort();
+    keep_trust.abort();
+    keep_signing_ca.abort();
     if let Err(error) = audit.flush() {
         error!(%error, "flush audit log failed");
     }
@@ -334,7 +363,7 @@ fn open_replica(
 /// Serves `sigil.raft.v1.RaftPeer` on the Raft listener.
 fn serve_raft(
     listener: Option<TcpListener>,
-    roots_der: &[Vec<u8>],
+    trust: &Arc<ClientTrust>,
     resolver: &Arc<NodeCertResolver>,
     replica: &Arc<Replica>,
     peer_tls: &Arc<NodePeerTls>,
@@ -342,7 +371,7 @@ fn serve_raft(
     shutdown: &watch::Receiver<bool>,
 ) -> anyhow::Result<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>> {
     let listener = listener.context("the Raft listener was already started")?;
-    let tls = server_config(roots_der, Arc::clone(resolver))?;
+    let tls = server_config(trust, Arc::clone(resolver))?;
     let incoming = accept_tls(listener, TlsAcceptor::from(Arc::new(tls)), shutdown.clone());
     let service = PeerService::new(
         replica.handle().clone(),
@@ -395,7 +424,7 @@ fn hsm_status(hsm: &Hsm) -> HsmStatus {
 /// Generates the node's TLS key in memory and has the CA certify it.
 async fn issue_node_key(config: &Config, issuance: &Issuance) -> anyhow::Result<rustls::sign::CertifiedKey> {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).context("generate node TLS key")?;
-    let leaf = issuance
+    let issued = issuance
         .issue_internal(
             crate::issuance::PROFILE_NODE_TLS,
             &rcgen::PublicKeyData::subject_public_key_info(&key),
@@ -406,9 +435,9 @@ async fn issue_node_key(config: &Config, issuance: &Issuance) -> anyhow::Result<
         )
         .await
         .context("issue the node's TLS certificate")?;
-    let mut chain_der = vec![leaf.der];
-    chain_der.extend(issuance.ca().chain().intermediates_der.iter().cloned());
-    crate::node_tls::save(&config.node_tls_path(), &chain_der, &key.serialize_pem(), &issuance.ca().chain().roots_der)
+    let mut chain_der = vec![issued.leaf.der];
+    chain_der.extend(issued.intermediates_der);
+    crate::node_tls::save(&config.node_tls_path(), &chain_der, &key.serialize_pem(), &issued.roots_der)
         .context("save the node's TLS identity")?;
     let chain = chain_der.into_iter().map(CertificateDer::from).collect();
     certified_key(chain, key.serialize_der())

@@ -225,6 +225,7 @@ async fn install_chain(replica: &Replica, key_label: &str, chain: CaChain) -> an
         intermediates_der: chain.intermediates_der,
         roots_der: chain.roots_der,
         installed_at_unix: OffsetDateTime::now_utc().unix_timestamp(),
+        ..InstallCa::default()
     });
     let request_id = sigil_raft::RequestId::random();
     replica.write(request_id, &command).await.context("record the CA chain in the ledger")?;
@@ -328,7 +329,7 @@ async fn issue_credential(
 ) -> anyhow::Result<()> {
     let replica = std::sync::Arc::new(open_offline(config).await?);
     let hsm = open_hsm(config, None)?;
-    let ca = std::sync::Arc::new(load_ca(config, replica.ledger(), &hsm)?);
+    let ca = std::sync::Arc::new(load_ca(config, replica.ledger(), &hsm)?.1);
     let registry = prometheus::Registry::new();
     let issuance = crate::issuance::Issuance::new(
         std::sync::Arc::clone(&ca),
@@ -345,13 +346,13 @@ async fn issue_credential(
 
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).context("generate key")?;
     let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
-    let leaf = issuance
+    let issued = issuance
         .issue_internal(profile, &spki, spiffe_id, &names.dns, &names.ips, ttl)
         .await
         .with_context(|| format!("issue a certificate for {spiffe_id}"))?;
 
-    let mut chain = vec![leaf.der];
-    chain.extend(ca.chain().intermediates_der.iter().cloned());
-    crate::node_tls::save(out, &chain, &key.serialize_pem(), &ca.chain().roots_der)?;
+    let mut chain = vec![issued.leaf.der];
+    chain.extend(issued.intermediates_der);
+    crate::node_tls::save(out, &chain, &key.serialize_pem(), &issued.roots_der)?;
     Ok(())
 }

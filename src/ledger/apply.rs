@@ -171,7 +171,8 @@ impl EntryStage<'_> {
     }
 
     /// Adds a CA version and makes it active, unless `active`, the active
-    /// version as staged so far, already has the same chain and key label.
+    /// version as staged so far, already has the same chain and key label. A
+    /// version with an activation time is added without becoming active.
     fn stage_install(&mut self, install: InstallCa, active: &mut Option<CaVersion>) -> CommandOutcome {
         install.validate()?;
         if let Some(current) = active
@@ -179,8 +180,15 @@ impl EntryStage<'_> {
         {
             return Ok(CommandResult::CaInstalled { version: current.version, already_installed: true });
         }
+        if install.activate_at_unix > 0
+            && let Some(latest) = self.store.ca_version(self.state.latest_ca_version)?
+            && latest.has_chain_of(&install)
+        {
+            return Ok(CommandResult::CaInstalled { version: latest.version, already_installed: true });
+        }
 
         let version = self.state.latest_ca_version + 1;
+        let prepared = install.activate_at_unix > 0;
         let stored = CaVersion {
             version,
             key_label: install.key_label,
@@ -188,15 +196,20 @@ impl EntryStage<'_> {
             roots_der: install.roots_der,
             installed_at_unix: install.installed_at_unix,
             installed_at_index: self.index,
+            activate_at_unix: install.activate_at_unix,
+            wrapped_key: install.wrapped_key,
         };
         self.batch.put_cf(self.store.cf(CF_CA), keys::ca_version_key(version), stored.encode_to_vec());
         let meta = self.store.cf(CF_META);
         self.batch.put_cf(meta, META_LATEST_CA_VERSION, version.to_be_bytes());
-        self.batch.put_cf(meta, META_ACTIVE_CA_VERSION, version.to_be_bytes());
-
         self.state.latest_ca_version = version;
-        self.state.active_ca_version = version;
         self.bundle_touched = true;
+        if prepared {
+            return Ok(CommandResult::CaInstalled { version, already_installed: false });
+        }
+
+        self.batch.put_cf(meta, META_ACTIVE_CA_VERSION, version.to_be_bytes());
+        self.state.active_ca_version = version;
         *active = Some(stored);
         Ok(CommandResult::CaInstalled { version, already_installed: false })
     }

@@ -34,7 +34,8 @@ pub enum CommandKind {
     KvTransaction(KvTransaction),
 }
 
-/// Installs a new CA chain version and makes it the active one.
+/// Installs a new CA chain version. It becomes the active one at once, unless it sets
+/// `activate_at_unix`: then it is prepared, published in the trust bundle, and signs from that time.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct InstallCa {
     /// Label of the intermediate's private key in the HSM.
@@ -48,6 +49,13 @@ pub struct InstallCa {
     pub roots_der: Vec<Vec<u8>>,
     #[prost(int64, tag = "4")]
     pub installed_at_unix: i64,
+    /// Time the version starts to sign, in Unix seconds; 0 makes it active at once.
+    #[prost(int64, tag = "5")]
+    pub activate_at_unix: i64,
+    /// The intermediate's private key wrapped under the cluster's key-encryption key, so that
+    /// every node can unwrap it into its own HSM; empty when the nodes already hold the key.
+    #[prost(bytes = "vec", tag = "6")]
+    pub wrapped_key: Vec<u8>,
 }
 
 /// Records issued certificates, all or nothing: one invalid record, or one
@@ -160,6 +168,12 @@ pub struct CaVersion {
     /// Ledger index of the command that installed this version.
     #[prost(uint64, tag = "6")]
     pub installed_at_index: u64,
+    /// Time the version starts to sign, in Unix seconds; 0 for a version active since install.
+    #[prost(int64, tag = "7")]
+    pub activate_at_unix: i64,
+    /// The intermediate's private key wrapped under the key-encryption key, or empty.
+    #[prost(bytes = "vec", tag = "8")]
+    pub wrapped_key: Vec<u8>,
 }
 
 impl Command {

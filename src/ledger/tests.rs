@@ -40,6 +40,7 @@ pub(super) fn install_ca(label: &str) -> Command {
         intermediates_der: vec![vec![0x30, 0x01, 0x01], vec![0x30, 0x01, 0x02]],
         roots_der: vec![vec![0x30, 0x01, 0x03]],
         installed_at_unix: 1_700_000_000,
+        ..InstallCa::default()
     })
 }
 
@@ -108,6 +109,7 @@ fn install_ca_rejects_missing_fields() {
         intermediates_der: vec![],
         roots_der: vec![vec![0x30]],
         installed_at_unix: 0,
+        ..InstallCa::default()
     });
 
     let error = ledger.apply(&command).expect_err("empty intermediates must be rejected");
@@ -455,4 +457,33 @@ fn digest_chains_index_and_bytes() {
     input.extend_from_slice(&bytes);
     assert_eq!(outcome.digest.as_slice(), digest(&SHA256, &input).as_ref());
     assert_eq!(ledger.digest(), outcome.digest);
+}
+
+#[test]
+fn prepared_ca_version_is_not_active() {
+    let dir = tempfile::tempdir().expect("create temp dir");
+    let ledger = open(&dir);
+    ledger.apply(&install_ca("key-1")).expect("install the first version");
+    let prepared = Command::install_ca(InstallCa {
+        key_label: "key-2".to_owned(),
+        intermediates_der: vec![vec![0x30, 0x01, 0x04]],
+        roots_der: vec![vec![0x30, 0x01, 0x05]],
+        installed_at_unix: 1_700_000_100,
+        activate_at_unix: 1_700_003_700,
+        wrapped_key: vec![1, 2, 3],
+    });
+    let mut changes = ledger.watch_bundle();
+    changes.borrow_and_update();
+
+    ledger.apply(&prepared).expect("prepare the second version");
+    assert!(changes.has_changed().expect("the ledger is open"), "a CA version wakes bundle watchers");
+    assert_eq!(ledger.active_ca().expect("read").expect("active").key_label, "key-1");
+    let versions = ledger.ca_versions().expect("list versions");
+    assert_eq!(versions.len(), 2);
+    assert_eq!(versions[1].activate_at_unix, 1_700_003_700);
+    assert_eq!(versions[1].wrapped_key, [1, 2, 3]);
+
+    let again = ledger.apply(&prepared).expect("a retried prepare succeeds");
+    assert_eq!(again.result, CommandResult::CaInstalled { version: 2, already_installed: true });
+    assert_eq!(ledger.ca_versions().expect("list versions").len(), 2, "a retry adds no version");
 }

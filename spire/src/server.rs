@@ -3,6 +3,7 @@
 //! SPIRE's process goes away.
 
 use std::io::Write as _;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -62,7 +63,7 @@ pub async fn run() -> Result<(), ServeError> {
     let parent = std::os::unix::process::parent_id();
     set_parent_death_signal();
 
-    let folder = tempfile::Builder::new().prefix("sigil-spire-plugin-").tempdir().map_err(ServeError::SocketFolder)?;
+    let folder = socket_folder()?;
     let socket = folder.path().join("plugin.sock");
     let listener = bind(&socket)?;
 
@@ -102,6 +103,16 @@ fn flatten(joined: Result<Result<(), tonic::transport::Error>, tokio::task::Join
             Ok(())
         }
     }
+}
+
+/// Creates a temporary folder that only the plugin's user can enter, so no other user can
+/// connect to the socket.
+fn socket_folder() -> Result<tempfile::TempDir, ServeError> {
+    tempfile::Builder::new()
+        .prefix("sigil-spire-plugin-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir()
+        .map_err(ServeError::SocketFolder)
 }
 
 fn bind(socket: &Path) -> Result<UnixListener, ServeError> {

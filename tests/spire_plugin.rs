@@ -278,12 +278,18 @@ async fn cluster() -> (DevCluster, Vec<String>) {
     (cluster, endpoints)
 }
 
-/// Starts a plugin, opens its broker stream, and initializes and configures it as SPIRE does.
+/// Starts a plugin, opens its broker stream, and initializes and configures it as SPIRE does,
+/// with the dev cluster's SPIRE server credential.
 async fn configured_plugin(cluster: &DevCluster, endpoints: &[String]) -> Plugin {
+    configured_plugin_as(cluster, endpoints, "spire-server").await
+}
+
+/// Starts and configures a plugin with the credential in the dev folder's `credential` folder.
+async fn configured_plugin_as(cluster: &DevCluster, endpoints: &[String], credential: &str) -> Plugin {
     let mut plugin = Plugin::launch().await;
     plugin.open_broker().await;
     plugin.init().await.expect("Init");
-    let hcl = plugin_data(endpoints, &cluster.dir.join("spire-server"));
+    let hcl = plugin_data(endpoints, &cluster.dir.join(credential));
     plugin
         .configure(TRUST_DOMAIN, &hcl)
         .await
@@ -439,5 +445,27 @@ async fn streams_survive_node_kill() {
     let reconnects =
         watcher.log_lines().iter().filter(|line| line["@message"] == "bundle watch failed; reconnecting").count();
     assert!(reconnects >= 1, "the watcher logged no reconnect:\n{}", watcher.log());
+    cluster.stop(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigil_denial_keeps_its_status() {
+    let _serial = CLUSTER_TESTS.lock().await;
+    let (mut cluster, endpoints) = cluster().await;
+    // The dev policy lets the Istio credential request workload SVIDs, but not act for a trust
+    // domain as a downstream CA.
+    let plugin = configured_plugin_as(&cluster, &endpoints, "istio").await;
+
+    let (_, csr) = spire_csr(TRUST_DOMAIN);
+    let status = plugin.mint(csr, 3600).await.map(|_| ()).expect_err("mint with a credential the policy denies");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains(&endpoints[0]), "no node address in {:?}", status.message());
+    assert!(status.message().contains("downstream_trust_domains"), "Sigil's message is lost: {:?}", status.message());
+
+    let status = plugin.publish(spire_jwt_key("k1")).await.map(|_| ()).expect_err("publish with a denied credential");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    let retry_message = "publish JWT authority failed; trying the next endpoint";
+    let retries = plugin.log_lines().iter().filter(|line| line["@message"] == retry_message).count();
+    assert_eq!(retries, 0, "a denial was retried:\n{}", plugin.log());
     cluster.stop(Duration::from_secs(10)).await;
 }

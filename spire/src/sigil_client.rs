@@ -105,10 +105,11 @@ impl Backoff {
 }
 
 /// Returns whether another attempt, possibly at another endpoint, may succeed: the node was
-/// unreachable, overloaded, timed out or stopping. Sigil's own rejections are final.
+/// unreachable, timed out or stopping. Sigil's own rejections are final, and so is its rate
+/// limit (RESOURCE_EXHAUSTED), because retrying at another node would work around it.
 pub fn is_transient(status: &Status) -> bool {
     match status.code() {
-        Code::Unavailable | Code::DeadlineExceeded | Code::Aborted | Code::ResourceExhausted | Code::Cancelled => true,
+        Code::Unavailable | Code::DeadlineExceeded | Code::Aborted | Code::Cancelled => true,
         // tonic reports a broken connection as UNKNOWN with the transport error as its source.
         Code::Unknown => std::error::Error::source(status).is_some(),
         _ => false,
@@ -439,11 +440,17 @@ mod tests {
 
     #[test]
     fn transient_codes() {
-        for code in [Code::Unavailable, Code::DeadlineExceeded, Code::Aborted, Code::ResourceExhausted, Code::Cancelled]
-        {
+        for code in [Code::Unavailable, Code::DeadlineExceeded, Code::Aborted, Code::Cancelled] {
             assert!(is_transient(&Status::new(code, "x")), "{code:?} is transient");
         }
-        for code in [Code::PermissionDenied, Code::InvalidArgument, Code::FailedPrecondition, Code::Internal] {
+        let final_codes = [
+            Code::PermissionDenied,
+            Code::InvalidArgument,
+            Code::FailedPrecondition,
+            Code::Internal,
+            Code::ResourceExhausted,
+        ];
+        for code in final_codes {
             assert!(!is_transient(&Status::new(code, "x")), "{code:?} is final");
         }
         assert!(!is_transient(&Status::unknown("from the server")), "an UNKNOWN status without source is final");

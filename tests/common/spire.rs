@@ -222,7 +222,7 @@ pub fn socket_of_handshake(line: &str) -> PathBuf {
     PathBuf::from(fields[3])
 }
 
-/// A plugin process started as SPIRE starts it. Dropping it kills the process.
+/// A plugin process started as SPIRE starts it. Dropping it stops the process.
 pub struct Plugin {
     child: Child,
     pub socket: PathBuf,
@@ -354,7 +354,16 @@ impl Plugin {
 }
 
 impl Drop for Plugin {
+    /// Stops the plugin with SIGTERM, so it removes its socket folder, and kills it if it still
+    /// runs after go-plugin's 2 second grace period.
     fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -472,6 +481,7 @@ pub fn throwaway_leaf(trust_domain: &str, ca_der: &[u8], ca_key: &rcgen::KeyPair
     let uri = format!("spiffe://{trust_domain}/spire/throwaway").try_into().expect("ASCII URI");
     params.subject_alt_names.push(rcgen::SanType::URI(uri));
     params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    params.is_ca = rcgen::IsCa::ExplicitNoCa;
     params.not_before = time::OffsetDateTime::now_utc() - time::Duration::minutes(1);
     params.not_after = time::OffsetDateTime::now_utc() + time::Duration::minutes(10);
     let leaf = params.signed_by(&key, &issuer).expect("sign throw-away leaf");

@@ -335,6 +335,8 @@ pub struct BundleWatch {
     index: usize,
     backoff: Backoff,
     retry_at: Option<Instant>,
+    /// Highest bundle version returned so far.
+    newest_version: Option<u64>,
 }
 
 impl BundleWatch {
@@ -350,11 +352,16 @@ impl BundleWatch {
             index,
             backoff: Backoff::new(WATCH_FIRST_BACKOFF, WATCH_MAX_BACKOFF),
             retry_at: None,
+            newest_version: None,
         })
     }
 
     /// Waits for the next bundle of the trust domain, reconnecting as often as needed. Only
     /// dropping the future stops it.
+    ///
+    /// A bundle older than one already returned is skipped. A node that lags behind the Raft
+    /// leader can send one after a reconnect, and it could bring back a root that a newer
+    /// version removed.
     pub async fn next(&mut self) -> Bundle {
         loop {
             let Some(stream) = self.open.as_mut() else {
@@ -363,18 +370,28 @@ impl BundleWatch {
             };
             let failure = match stream.message().await {
                 Ok(Some(bundle))
-                    if bundle.trust_domain.is_empty() || bundle.trust_domain == self.client.trust_domain =>
+                    if !bundle.trust_domain.is_empty() && bundle.trust_domain != self.client.trust_domain =>
                 {
-                    self.backoff.reset();
-                    return bundle;
-                }
-                Ok(Some(bundle)) => {
                     error!(
                         endpoint = self.address(),
                         trust_domain = bundle.trust_domain,
                         "Sigil sent the bundle of another trust domain; ignoring it"
                     );
                     continue;
+                }
+                Ok(Some(bundle)) if is_older(bundle.version, self.newest_version) => {
+                    debug!(
+                        endpoint = self.address(),
+                        version = bundle.version,
+                        newest_version = self.newest_version,
+                        "skipping an older bundle version from a lagging node"
+                    );
+                    continue;
+                }
+                Ok(Some(bundle)) => {
+                    self.backoff.reset();
+                    self.newest_version = Some(bundle.version);
+                    return bundle;
                 }
                 Ok(None) => Status::unavailable("Sigil ended the bundle watch"),
                 Err(status) => status,
@@ -434,9 +451,22 @@ impl BundleWatch {
     }
 }
 
+/// Returns whether a bundle `version` is older than the newest one seen.
+fn is_older(version: u64, newest: Option<u64>) -> bool {
+    newest.is_some_and(|newest| version < newest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn older_bundle_versions_are_detected() {
+        assert!(!is_older(0, None), "the first bundle is never older");
+        assert!(!is_older(5, Some(5)), "the same version is not older");
+        assert!(!is_older(6, Some(5)));
+        assert!(is_older(4, Some(5)));
+    }
 
     #[test]
     fn transient_codes() {

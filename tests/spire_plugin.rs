@@ -361,6 +361,9 @@ async fn minted_ca_passes_spire_checks() {
 
     let quiet = tokio::time::timeout(QUIET_PERIOD, stream.message()).await;
     assert!(quiet.is_err(), "the mint stream ended or sent a message with nothing changed: {quiet:?}");
+    // SPIRE cancels the stream when it mints again, and the plugin then stops following the bundle.
+    drop(stream);
+    wait_for_log(&plugin, "SPIRE closed the stream").await;
 
     let mut bundle = plugin.subscribe().await.expect("SubscribeToLocalBundle");
     let local = next_within(&mut bundle, Duration::from_secs(10), "subscribe").await.expect("first bundle message");

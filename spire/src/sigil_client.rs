@@ -239,7 +239,8 @@ impl SigilClient {
                 Err(_) => Status::deadline_exceeded(format!("no response within {} ms", timeout.as_millis())),
             };
             if !is_transient(&status) {
-                warn!(endpoint = address, code = ?status.code(), error = status.message(), "Sigil rejected {operation}");
+                let error = status.message();
+                warn!(endpoint = address, code = ?status.code(), error, "Sigil rejected {operation}");
                 return Err(upstream_error(operation, address, &status));
             }
             warn!(

@@ -1,9 +1,9 @@
 //! SPIRE's UpstreamAuthority service, forwarded to Sigil's Authority service.
 //!
 //! Each RPC sends its first message from a unary Sigil call (or the first bundle of a watch) and
-//! then keeps SPIRE's stream open, following Sigil's bundle watch and sending only what changed. A broken
-//! watch is reconnected; SPIRE's stream ends only when SPIRE cancels it or the plugin stops,
-//! because SPIRE reopens these streams only at its next CA or key rotation.
+//! then keeps SPIRE's stream open, following Sigil's bundle watch and sending only what changed.
+//! A broken watch is reconnected. SPIRE's stream ends only when SPIRE cancels it or the plugin
+//! stops, because SPIRE reopens these streams only at its next CA or key rotation.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -96,6 +96,8 @@ func startPlugin(ctx context.Context, opts options) (*pluginSession, error) {
 		Level:  hclog.LevelFromString(opts.logLevel),
 	})
 
+	// NOTE: Debian 12 ships go-plugin 1.0.1, while SPIRE pins 1.8.0. Version 1.8.0 also opens
+	// plugin.GRPCStdio/StreamStdio, which this host does not, and it only logs a failure of that stream.
 	client := plugin.NewClient(&plugin.ClientConfig{
 		HandshakeConfig: plugin.HandshakeConfig{
 			ProtocolVersion:  handshakeVersion,

@@ -26,7 +26,7 @@ prereqs:
 	@scripts/install-prereqs.sh
 
 build: prereqs
-	cargo build --release --bins
+	cargo build --release --workspace --bins
 	@scripts/keep-rocksdb.sh "$(CARGO_TARGET_DIR)" "$(ROCKSDB_KEPT)"
 
 demo: build

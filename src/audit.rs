@@ -81,6 +81,12 @@ pub struct AuditEvent {
     /// SHA-256 of the certificate DER in hex.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert_sha256: Option<String>,
+    /// Request metadata the caller sent, such as Istio's `ClusterID` header.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub metadata: std::collections::BTreeMap<String, String>,
+    /// Conditions the answer warned the caller about.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     /// Hash of the previous line. The audit log sets it.
     #[serde(default)]
     pub prev_hash: String,
@@ -107,6 +113,8 @@ impl AuditEvent {
             serial: None,
             not_after: None,
             cert_sha256: None,
+            metadata: std::collections::BTreeMap::new(),
+            warnings: Vec::new(),
             prev_hash: String::new(),
             hash: String::new(),
         }

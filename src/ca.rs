@@ -15,7 +15,7 @@ use time::OffsetDateTime;
 use x509_parser::certificate::X509Certificate;
 use x509_parser::prelude::FromDer;
 
-use crate::csr::KeyKind;
+use crate::csr::{KeyKind, SubjectAttribute};
 
 /// Serial numbers are 16 octets: 126 bits from the CSPRNG, the top bit clear so the INTEGER is
 /// positive, and the next bit set so the encoding is minimal and always 16 octets.
@@ -38,6 +38,11 @@ pub enum CaError {
     Hsm(#[from] HsmError),
     #[error("build certificate: {0}")]
     Build(String),
+    #[error(
+        "intermediate {subject:?} has pathLenConstraint {limit}, so it cannot sign a CA with path length {requested}; \
+         re-issue the intermediate with a path length above {requested} (`ca.path_len` for a development root)"
+    )]
+    PathLength { subject: String, limit: u32, requested: u32 },
 }
 
 /// A key in the HSM, adapted to rcgen's signing interface.
@@ -131,6 +136,9 @@ pub struct CaSummary {
     pub fingerprint_sha256: String,
     pub key_type: KeyType,
     pub key_label: String,
+    /// The intermediate's pathLenConstraint: `None` when it has none, `Some(0)` when it may sign
+    /// only leaves.
+    pub path_len: Option<u32>,
 }
 
 /// What a leaf certificate is for, which decides its names and extended key usages.
@@ -230,6 +238,7 @@ impl IssuingCa {
         require_subject_key_identifier(&cert)?;
         let key_type = signer.key().key_type();
         let key_label = signer.key().label().to_owned();
+        let path_len = path_len_constraint(&cert);
         let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(intermediate.as_slice()), signer)
             .map_err(|e| CaError::InvalidCertificate { reason: format!("intermediate as issuer: {e}") })?;
         let summary = CaSummary {
@@ -238,6 +247,7 @@ impl IssuingCa {
             fingerprint_sha256: hex::encode(digest(&SHA256, intermediate)),
             key_type,
             key_label,
+            path_len,
         };
         Ok(IssuingCa { issuer, chain, summary, organization: organization.to_owned(), backdate })
     }
@@ -335,6 +345,101 @@ impl IssuingCa {
         sha256.copy_from_slice(digest(&SHA256, &der).as_ref());
         Ok(IssuedLeaf { der, serial, not_after, sha256 })
     }
+}
+
+impl IssuingCa {
+    /// Builds and signs a CA certificate for a downstream CA. BLOCKING: it calls the HSM.
+    ///
+    /// The certificate has basicConstraints cA TRUE with the requested path length (critical),
+    /// keyUsage keyCertSign, cRLSign and digitalSignature (critical) and nothing more, one URI SAN
+    /// with the trust domain's ID, an SKI, and an AKI equal to the issuer's SKI. Its subject keeps
+    /// the CSR's country, organization, unit and common name and adds the serial number, so that
+    /// every minted CA has its own subject. notAfter is clamped to the issuer's.
+    ///
+    /// # Errors
+    ///
+    /// [`CaError::PathLength`] when the intermediate's own path length does not allow a CA below
+    /// it; other variants when the key is not understood or the HSM cannot sign.
+    pub fn issue_ca(&self, request: &DownstreamCaRequest<'_>, now: OffsetDateTime) -> Result<IssuedLeaf, CaError> {
+        self.check_path_len(request.path_len)?;
+        let public_key = SubjectPublicKeyInfo::from_der(request.spki_der)
+            .map_err(|e| CaError::Build(format!("subject public key: {e}")))?;
+        let serial = random_serial();
+        let not_after = (now + request.ttl).min(self.summary.not_after);
+        let uri = format!("spiffe://{}", request.trust_domain);
+
+        let mut params = CertificateParams::default();
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        params.not_before = now - self.backdate;
+        params.not_after = not_after;
+        params.distinguished_name = downstream_subject(request, &self.organization, &serial)?;
+        params.subject_alt_names =
+            vec![SanType::URI(uri.as_str().try_into().map_err(|e| CaError::Build(format!("URI SAN {uri:?}: {e}")))?)];
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(request.path_len));
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.use_authority_key_identifier_extension = true;
+        params.key_identifier_method = KeyIdMethod::Sha256;
+
+        let certificate = with_hsm_errors(|| params.signed_by(&public_key, &self.issuer))?;
+        let der = certificate.der().to_vec();
+        let mut sha256 = [0u8; 32];
+        sha256.copy_from_slice(digest(&SHA256, &der).as_ref());
+        Ok(IssuedLeaf { der, serial, not_after, sha256 })
+    }
+
+    /// A CA below the intermediate with path length `requested` needs the intermediate's own
+    /// path length to be above it (RFC 5280, section 4.2.1.9).
+    fn check_path_len(&self, requested: u8) -> Result<(), CaError> {
+        match self.summary.path_len {
+            Some(limit) if limit <= u32::from(requested) => {
+                Err(CaError::PathLength { subject: self.summary.subject.clone(), limit, requested: requested.into() })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A downstream CA certificate request after every check.
+#[derive(Debug, Clone)]
+pub struct DownstreamCaRequest<'a> {
+    pub spki_der: &'a [u8],
+    pub trust_domain: &'a str,
+    /// Subject attributes taken from the CSR.
+    pub subject: &'a [(SubjectAttribute, String)],
+    pub path_len: u8,
+    pub ttl: Duration,
+}
+
+const OID_SERIAL_NUMBER: &[u64] = &[2, 5, 4, 5];
+
+fn downstream_subject(
+    request: &DownstreamCaRequest<'_>,
+    organization: &str,
+    serial: &[u8],
+) -> Result<DistinguishedName, CaError> {
+    let mut name = DistinguishedName::new();
+    for (attribute, value) in request.subject {
+        let kind = match attribute {
+            SubjectAttribute::Country => DnType::CountryName,
+            SubjectAttribute::Organization => DnType::OrganizationName,
+            SubjectAttribute::OrganizationalUnit => DnType::OrganizationalUnitName,
+            SubjectAttribute::CommonName => DnType::CommonName,
+        };
+        name.push(kind, value.as_str());
+    }
+    if request.subject.is_empty() {
+        name.push(DnType::OrganizationName, organization);
+        name.push(DnType::CommonName, format!("Downstream CA for {}", request.trust_domain));
+    }
+    let serial_text = rcgen::string::PrintableString::try_from(hex::encode(serial))
+        .map_err(|e| CaError::Build(format!("subject serial number: {e}")))?;
+    name.push(DnType::CustomDnType(OID_SERIAL_NUMBER.to_vec()), rcgen::DnValue::PrintableString(serial_text));
+    Ok(name)
+}
+
+fn path_len_constraint(cert: &X509Certificate<'_>) -> Option<u32> {
+    cert.basic_constraints().ok().flatten().and_then(|constraints| constraints.value.path_len_constraint)
 }
 
 fn leaf_subject(organization: &str, dns_names: &[String]) -> DistinguishedName {
@@ -461,7 +566,7 @@ pub struct CaCertificateSpec<'a> {
     pub common_name: &'a str,
     pub organization: &'a str,
     pub validity: Duration,
-    /// None for a root (no path length limit), Some(0) for an intermediate that issues only leaves.
+    /// None for a root (no path length limit); for an intermediate, how many CA levels may follow it.
     pub path_len: Option<u8>,
 }
 

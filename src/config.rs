@@ -41,6 +41,9 @@ pub struct Config {
     /// The ACME server, served when `listen.acme` is set.
     #[serde(default)]
     pub acme: AcmeSection,
+    /// CA certificates for downstream CAs such as SPIRE servers, and their JWT authorities.
+    #[serde(default)]
+    pub downstream: DownstreamSection,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -105,7 +108,42 @@ pub struct CaSection {
     /// Organization name written into the subject of issued certificates.
     #[serde(default = "default_organization")]
     pub organization: String,
+    /// pathLenConstraint of the intermediate that `sigil init --dev-root` creates. 1 lets the
+    /// intermediate sign downstream CAs (SPIRE servers) whose own path length is 0; 0 restricts it
+    /// to leaves. An offline root decides this itself when it signs the intermediate's CSR.
+    #[serde(default = "default_ca_path_len")]
+    pub path_len: u8,
 }
+
+/// Limits on the CA certificates Sigil mints for downstream CAs. Which callers may mint, and for
+/// which trust domains, is set per caller with `downstream_trust_domains`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DownstreamSection {
+    /// Maximum lifetime of a minted CA. A longer requested lifetime is shortened to it.
+    #[serde(with = "humantime_serde", default = "default_downstream_max_ttl")]
+    pub max_ttl: Duration,
+    /// pathLenConstraint of minted CAs: 0 lets them sign only leaves.
+    #[serde(default)]
+    pub path_len: u8,
+    /// Maximum number of JWT authorities per trust domain. Further publications are rejected
+    /// until some expire.
+    #[serde(default = "default_max_jwt_authorities")]
+    pub max_jwt_authorities: usize,
+}
+
+impl Default for DownstreamSection {
+    fn default() -> Self {
+        DownstreamSection {
+            max_ttl: default_downstream_max_ttl(),
+            path_len: 0,
+            max_jwt_authorities: default_max_jwt_authorities(),
+        }
+    }
+}
+
+/// Longest `downstream.max_ttl` a configuration may set.
+pub const MAX_DOWNSTREAM_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -408,6 +446,10 @@ pub struct CallerPolicy {
     /// Whether the caller may use the Admin service.
     #[serde(default)]
     pub admin: bool,
+    /// Trust domains, such as "example.org", the caller may mint downstream CA certificates for
+    /// and publish JWT authorities of. A SPIRE server's entry names its own trust domain.
+    #[serde(default)]
+    pub downstream_trust_domains: Vec<String>,
 }
 
 fn default_tls_dns_names() -> Vec<String> {
@@ -424,6 +466,15 @@ fn default_ca_common_name() -> String {
 }
 fn default_organization() -> String {
     "Sigil".to_owned()
+}
+fn default_ca_path_len() -> u8 {
+    1
+}
+fn default_downstream_max_ttl() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+fn default_max_jwt_authorities() -> usize {
+    64
 }
 fn default_ttl() -> Duration {
     Duration::from_secs(3600)
@@ -525,6 +576,26 @@ impl Config {
         self.validate_listen()?;
         self.validate_raft()?;
         self.validate_acme()?;
+        self.validate_downstream()?;
+        Ok(())
+    }
+
+    fn validate_downstream(&self) -> Result<(), ConfigError> {
+        let downstream = &self.downstream;
+        if downstream.max_ttl < Duration::from_secs(3600) || downstream.max_ttl > MAX_DOWNSTREAM_TTL {
+            return Err(invalid(
+                "downstream.max_ttl",
+                seconds(downstream.max_ttl),
+                "must be between 1 hour and 365 days",
+            ));
+        }
+        if downstream.max_jwt_authorities == 0 || downstream.max_jwt_authorities > 1024 {
+            return Err(invalid(
+                "downstream.max_jwt_authorities",
+                downstream.max_jwt_authorities,
+                "must be between 1 and 1024",
+            ));
+        }
         Ok(())
     }
 
@@ -710,6 +781,10 @@ impl Config {
             }
             if caller.rate_burst == 0 {
                 return Err(invalid(key("rate_burst"), caller.rate_burst, "must be at least 1"));
+            }
+            for trust_domain in &caller.downstream_trust_domains {
+                check_trust_domain(trust_domain)
+                    .map_err(|error| invalid(key("downstream_trust_domains"), trust_domain, error.to_string()))?;
             }
         }
         Ok(())

@@ -96,6 +96,38 @@ pub enum CsrError {
     UnsupportedTlsSan { kind: &'static str, value: String },
     #[error("CSR names no DNS name or IP address")]
     NoNames,
+    #[error("CSR has {count} URI SANs {uris:?}; a downstream CA may carry at most one, the trust domain's ID")]
+    CaUriSanCount { count: usize, uris: Vec<String> },
+    #[error(
+        "CSR URI SAN {uri} names a workload, not a trust domain; a downstream CA may carry only the trust domain's ID, such as spiffe://{trust_domain}"
+    )]
+    CaUriWithPath { uri: String, trust_domain: String },
+    #[error("CSR has a {kind} SAN {value:?}; a downstream CA may carry only one URI SAN, the trust domain's ID")]
+    UnsupportedCaSan { kind: &'static str, value: String },
+    #[error("CSR requests basicConstraints cA FALSE, as a leaf does; a downstream CA request must not")]
+    LeafRequest,
+}
+
+/// A downstream CA's CSR, as a SPIRE server sends, that passed every check that does not depend on
+/// the caller.
+#[derive(Debug, Clone)]
+pub struct CheckedCaCsr {
+    pub spki_der: Vec<u8>,
+    pub key_kind: KeyKind,
+    /// Trust domain of the CSR's URI SAN, when it has one.
+    pub trust_domain: Option<String>,
+    /// Country, organization, organizational unit and common name of the CSR's subject, in the
+    /// order found.
+    pub subject: Vec<(SubjectAttribute, String)>,
+}
+
+/// Subject attributes a minted CA keeps from its CSR.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubjectAttribute {
+    Country,
+    Organization,
+    OrganizationalUnit,
+    CommonName,
 }
 
 /// A TLS server CSR, as ACME finalize sends, that passed every check that does
@@ -171,6 +203,138 @@ pub fn check_tls_csr(input: &[u8]) -> Result<CheckedTlsCsr, CsrError> {
         dns_names,
         ip_addresses,
     })
+}
+
+/// Runs the same size, key and signature checks as [`check_csr`] on a downstream CA's CSR. It
+/// may carry at most one URI SAN, a trust domain's ID without a path, and no other SAN; it must not
+/// ask to be a leaf.
+///
+/// # Errors
+///
+/// Returns the first failed check.
+pub fn check_ca_csr(input: &[u8]) -> Result<CheckedCaCsr, CsrError> {
+    let der = checked_der(input)?;
+    let (csr, key_kind) = parse_and_verify(&der)?;
+    let mut uris = Vec::new();
+    for extension in csr.requested_extensions().into_iter().flatten() {
+        match extension {
+            ParsedExtension::SubjectAlternativeName(san) => {
+                for name in &san.general_names {
+                    collect_ca_name(name, &mut uris)?;
+                }
+            }
+            ParsedExtension::BasicConstraints(constraints) if !constraints.ca => return Err(CsrError::LeafRequest),
+            ParsedExtension::ParseError { error } => {
+                return Err(CsrError::BadExtensions { reason: error.to_string() });
+            }
+            _ => {}
+        }
+    }
+    let trust_domain = ca_trust_domain(uris)?;
+    let subject = ca_subject_attributes(&csr)?;
+    Ok(CheckedCaCsr {
+        spki_der: csr.certification_request_info.subject_pki.raw.to_vec(),
+        key_kind,
+        trust_domain,
+        subject,
+    })
+}
+
+/// Parses a DER SubjectPublicKeyInfo, such as a JWT authority's key, and checks that its type is
+/// one Sigil accepts in CSRs.
+///
+/// # Errors
+///
+/// [`CsrError::Der`] when it does not parse, [`CsrError::UnsupportedKey`] for another key type.
+pub fn check_public_key(spki_der: &[u8]) -> Result<KeyKind, CsrError> {
+    let (rest, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(spki_der)
+        .map_err(|e| CsrError::Der { reason: format!("public key is not a DER SubjectPublicKeyInfo: {e}") })?;
+    if !rest.is_empty() {
+        return Err(CsrError::Der { reason: format!("{} trailing bytes after the public key", rest.len()) });
+    }
+    let kind = classify_key(spki.algorithm.algorithm.clone(), &spki)?;
+    spki.parsed().map_err(|e| CsrError::Der { reason: format!("public key: {e}") })?;
+    let point = &*spki.subject_public_key.data;
+    let expected = match kind {
+        KeyKind::EcP256 => Some(65),
+        KeyKind::EcP384 => Some(97),
+        KeyKind::Ed25519 => Some(32),
+        KeyKind::Rsa { .. } => None,
+    };
+    if let Some(len) = expected
+        && (point.len() != len || (len != 32 && point[0] != 4))
+    {
+        return Err(CsrError::Der {
+            reason: format!(
+                "{kind} public key is {} bytes; expected an uncompressed point of {len} bytes",
+                point.len()
+            ),
+        });
+    }
+    Ok(kind)
+}
+
+fn collect_ca_name(name: &GeneralName<'_>, uris: &mut Vec<String>) -> Result<(), CsrError> {
+    let (kind, value) = match name {
+        GeneralName::URI(uri) => {
+            uris.push((*uri).to_owned());
+            return Ok(());
+        }
+        GeneralName::DNSName(dns) => ("DNS", (*dns).to_owned()),
+        GeneralName::IPAddress(bytes) => ("IP address", hex::encode(bytes)),
+        GeneralName::RFC822Name(email) => ("email", (*email).to_owned()),
+        other => ("other", format!("{other:?}")),
+    };
+    Err(CsrError::UnsupportedCaSan { kind, value })
+}
+
+fn ca_trust_domain(mut uris: Vec<String>) -> Result<Option<String>, CsrError> {
+    if uris.len() > 1 {
+        return Err(CsrError::CaUriSanCount { count: uris.len(), uris });
+    }
+    let Some(uri) = uris.pop() else {
+        return Ok(None);
+    };
+    let id = SpiffeId::parse(&uri).map_err(|e| CsrError::BadSpiffeId { uri: uri.clone(), reason: e.to_string() })?;
+    if !id.path().is_empty() {
+        return Err(CsrError::CaUriWithPath { uri, trust_domain: id.trust_domain().to_owned() });
+    }
+    Ok(Some(id.trust_domain().to_owned()))
+}
+
+fn ca_subject_attributes(csr: &X509CertificationRequest<'_>) -> Result<Vec<(SubjectAttribute, String)>, CsrError> {
+    use x509_parser::oid_registry::OID_X509_ORGANIZATIONAL_UNIT;
+    use x509_parser::oid_registry::{OID_X509_COMMON_NAME, OID_X509_COUNTRY_NAME, OID_X509_ORGANIZATION_NAME};
+
+    let mut attributes = Vec::new();
+    for attribute in csr.certification_request_info.subject.iter_attributes() {
+        let oid = attribute.attr_type();
+        let kind = if *oid == OID_X509_COUNTRY_NAME {
+            SubjectAttribute::Country
+        } else if *oid == OID_X509_ORGANIZATION_NAME {
+            SubjectAttribute::Organization
+        } else if *oid == OID_X509_ORGANIZATIONAL_UNIT {
+            SubjectAttribute::OrganizationalUnit
+        } else if *oid == OID_X509_COMMON_NAME {
+            SubjectAttribute::CommonName
+        } else {
+            continue;
+        };
+        let value = attribute
+            .as_str()
+            .map_err(|e| CsrError::Der { reason: format!("subject attribute {}: {e}", oid.to_id_string()) })?;
+        if value.is_empty() || value.len() > 64 {
+            return Err(CsrError::Der {
+                reason: format!(
+                    "subject attribute {} is {} bytes; 1 to 64 are allowed",
+                    oid.to_id_string(),
+                    value.len()
+                ),
+            });
+        }
+        attributes.push((kind, value.to_owned()));
+    }
+    Ok(attributes)
 }
 
 fn collect_tls_name(

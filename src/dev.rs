@@ -3,7 +3,8 @@
 //! Layout of DIR: `softhsm2.conf` and `tokens/` (one SoftHSM token per node, all holding the same
 //! key-encryption key and CA key), `nodes/<id>/` (`sigil.toml`, `pin` and `so-pin` files with mode
 //! 0600, `data/` with the ledger, Raft log and `node-tls/`, `audit.jsonl`, `node.log`, `pid` while
-//! running), `client/` (the admin credential), `bundle.pem`, `cluster-complete` (the number of
+//! running), `client/` (the admin credential), `spire-server/` and `istio/` (credentials for a local
+//! SPIRE server's plugin and an istio-agent), `bundle.pem`, `cluster-complete` (the number of
 //! nodes made) and, while the nodes serve, `endpoints.json`.
 
 use std::io::{Read as _, Write as _};
@@ -18,8 +19,8 @@ use tracing::{info, warn};
 use crate::cli::DevArgs;
 use crate::client::{Connection, Endpoints, NodeEndpoint};
 use crate::config::{
-    AcmeSection, AcmeValidationSection, AuditSection, CaSection, CallerPolicy, Config, HsmSection, IssuanceSection,
-    ListenConfig, LogSection, PolicyMode, PolicySection, RaftSection,
+    AcmeSection, AcmeValidationSection, AuditSection, CaSection, CallerPolicy, Config, DownstreamSection, HsmSection,
+    IssuanceSection, ListenConfig, LogSection, PolicyMode, PolicySection, RaftSection,
 };
 use crate::policy::DnsPattern;
 use crate::setup::write_private;
@@ -89,6 +90,19 @@ const MAX_DEV_NODES: u64 = 7;
 /// Attempts to add one node to a starting dev cluster.
 const ADD_MEMBER_ATTEMPTS: u32 = 4;
 
+/// Folder of the credential a local SPIRE server's Sigil plugin uses.
+const SPIRE_SERVER_CREDENTIAL: &str = "spire-server";
+/// Folder of the credential a local istio-agent uses.
+const ISTIO_CREDENTIAL: &str = "istio";
+
+fn spire_server_id(trust_domain: &str) -> String {
+    format!("spiffe://{trust_domain}/spire/server")
+}
+
+fn istio_cluster_id(trust_domain: &str) -> String {
+    format!("spiffe://{trust_domain}/istio/cluster")
+}
+
 /// Label of the key-encryption key in every dev token.
 const DEV_KEK_LABEL: &str = "sigil-kek";
 
@@ -142,7 +156,9 @@ impl Layout {
             info!(dir = %self.dir.display(), "removing an unfinished dev deployment");
             std::fs::remove_dir_all(self.dir.join("nodes")).context("remove unfinished nodes")?;
             let _ = std::fs::remove_dir_all(self.dir.join("tokens"));
-            let _ = std::fs::remove_dir_all(self.dir.join("client"));
+            for credential in ["client", SPIRE_SERVER_CREDENTIAL, ISTIO_CREDENTIAL] {
+                let _ = std::fs::remove_dir_all(self.dir.join(credential));
+            }
         }
         std::fs::create_dir_all(self.dir.join("tokens")).context("create token folder")?;
         std::fs::write(
@@ -173,6 +189,13 @@ impl Layout {
         let admin = format!("spiffe://{trust_domain}/sigil/admin");
         self.run_step(&["ca", "issue-client", "--config", &first, "--spiffe-id", &admin, "--out", &client])?;
         std::fs::copy(self.dir.join("client/bundle.pem"), self.dir.join("bundle.pem")).context("write bundle.pem")?;
+        for (folder, spiffe_id) in [
+            (SPIRE_SERVER_CREDENTIAL, spire_server_id(trust_domain)),
+            (ISTIO_CREDENTIAL, istio_cluster_id(trust_domain)),
+        ] {
+            let out = arg(&self.dir.join(folder));
+            self.run_step(&["ca", "issue-client", "--config", &first, "--spiffe-id", &spiffe_id, "--out", &out])?;
+        }
         for path in &paths[1..] {
             self.run_step(&["ca", "issue-node-certificate", "--config", &first, "--node-config", &arg(path)])?;
             self.run_step(&["hsm", "copy-ca-key", "--from", &first, "--to", &arg(path)])?;
@@ -368,6 +391,29 @@ fn node_config(id: u64, trust_domain: &str, node_dir: &Path, acme: &DevAcme) -> 
         rate_per_second: 50_000.0,
         rate_burst: 100_000,
         admin: true,
+        downstream_trust_domains: Vec::new(),
+    };
+    // The local SPIRE server's plugin may mint CAs for the trust domain and publish its JWT keys.
+    let spire_server = CallerPolicy {
+        spiffe_id: spire_server_id(trust_domain),
+        allowed_spiffe_ids: Vec::new(),
+        allowed_dns_names: Vec::new(),
+        max_ttl: Duration::from_secs(24 * 3600),
+        rate_per_second: 10.0,
+        rate_burst: 100,
+        admin: false,
+        downstream_trust_domains: vec![trust_domain.to_owned()],
+    };
+    // An Istio cluster's agents ask for workload identities of any namespace and service account.
+    let istio = CallerPolicy {
+        spiffe_id: istio_cluster_id(trust_domain),
+        allowed_spiffe_ids: vec![format!("spiffe://{trust_domain}/ns/*/sa/*")],
+        allowed_dns_names: Vec::new(),
+        max_ttl: Duration::from_secs(24 * 3600),
+        rate_per_second: 1_000.0,
+        rate_burst: 1_000,
+        admin: false,
+        downstream_trust_domains: Vec::new(),
     };
     let localhost = IpAddr::from([127, 0, 0, 1]);
     let raft_ip = raft_loopback_address(id)?;
@@ -399,13 +445,15 @@ fn node_config(id: u64, trust_domain: &str, node_dir: &Path, acme: &DevAcme) -> 
             key_type: "ec-p256".to_owned(),
             common_name: format!("Sigil Development Intermediate CA ({trust_domain})"),
             organization: "Sigil".to_owned(),
+            path_len: 1,
         },
         issuance: IssuanceSection::default(),
         audit: AuditSection { path: Some(node_dir.join("audit.jsonl")) },
         log: LogSection::default(),
-        policy: PolicySection { mode: PolicyMode::Enforce, callers: vec![admin] },
+        policy: PolicySection { mode: PolicyMode::Enforce, callers: vec![admin, spire_server, istio] },
         raft: RaftSection::default(),
         acme: dev_acme_section(acme),
+        downstream: DownstreamSection::default(),
     };
     config.validate()?;
     Ok(format!("# Dev node {id}, written by `sigil dev`.\n{}", toml::to_string_pretty(&config)?))
@@ -511,6 +559,8 @@ fn print_summary(dir: &Path, endpoints: &Endpoints) {
     println!("  endpoints: {}", dir.join("endpoints.json").display());
     println!("  trust bundle: {}", dir.join("bundle.pem").display());
     println!("  admin credential: {}", dir.join("client").display());
+    println!("  SPIRE server credential: {}", dir.join(SPIRE_SERVER_CREDENTIAL).display());
+    println!("  Istio credential: {}", dir.join(ISTIO_CREDENTIAL).display());
     println!(
         "Try: sigil issue svid --dev-dir {} --spiffe-id spiffe://{}/demo --out /tmp/svid",
         dir.display(),

@@ -24,7 +24,9 @@ pub fn status_from(error: &IssueError) -> Status {
     let message = error.to_string();
     match error {
         IssueError::Unauthenticated { .. } => Status::unauthenticated(message),
-        IssueError::InvalidCsr(_) | IssueError::InvalidTtl { .. } => Status::invalid_argument(message),
+        IssueError::InvalidCsr(_) | IssueError::InvalidTtl { .. } | IssueError::InvalidRequest(_) => {
+            Status::invalid_argument(message)
+        }
         IssueError::Denied(_) => Status::permission_denied(message),
         IssueError::RateLimited(_) => Status::resource_exhausted(message),
         IssueError::CaUnavailable(_) => Status::failed_precondition(message),
@@ -67,7 +69,7 @@ fn request_id<T>(request: &Request<T>) -> String {
         .map_or_else(|| format!("{:016x}", rand::random::<u64>()), str::to_owned)
 }
 
-fn request_context<T>(request: &Request<T>) -> RequestContext {
+pub(crate) fn request_context<T>(request: &Request<T>) -> RequestContext {
     let certs = request.peer_certs();
     RequestContext { request_id: request_id(request), caller: caller_spiffe_id(certs.as_deref().map(Vec::as_slice)) }
 }

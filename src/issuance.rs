@@ -1,6 +1,7 @@
 //! The issuance path shared by every front end: authenticate, check the CSR, apply policy, build
 //! and sign in the HSM off the async runtime, record in the ledger, then respond.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -8,7 +9,7 @@ use time::OffsetDateTime;
 use tracing::{info, warn};
 
 use crate::audit::{AuditEvent, AuditLog, Decision};
-use crate::ca::{CaError, IssuedLeaf, IssuingCa, LeafRequest, LeafUsage, Publication};
+use crate::ca::{CaError, DownstreamCaRequest, IssuedLeaf, IssuingCa, LeafRequest, LeafUsage, Publication};
 use crate::config::PolicyMode;
 use crate::csr::{CsrError, check_csr};
 use crate::ledger::{IssuanceRecord, Ledger, LedgerError};
@@ -23,6 +24,11 @@ pub const PROFILE_X509_SVID: &str = "x509-svid";
 pub const PROFILE_NODE_TLS: &str = "node-tls";
 /// Profile name of client credentials issued offline by `sigil ca issue-client`.
 pub const PROFILE_CLIENT_BOOTSTRAP: &str = "client-bootstrap";
+
+/// Profile name of workload certificates issued through Istio's certificate API.
+pub const PROFILE_ISTIO: &str = "istio-workload";
+/// Profile name of CA certificates minted for downstream CAs such as SPIRE servers.
+pub const PROFILE_DOWNSTREAM_CA: &str = "downstream-ca";
 
 /// Profile name of ACME TLS server certificates with the directory's default validity.
 pub const PROFILE_TLS_SERVER: &str = "tls-server";
@@ -52,6 +58,8 @@ pub enum IssueError {
     InvalidCsr(#[from] CsrError),
     #[error("ttl_seconds {value} is invalid: {reason}")]
     InvalidTtl { value: i64, reason: String },
+    #[error("{0}")]
+    InvalidRequest(String),
     #[error(transparent)]
     Denied(#[from] PolicyDenial),
     #[error(transparent)]
@@ -74,6 +82,28 @@ pub struct IssuedSvid {
     pub leaf: IssuedLeaf,
     pub intermediates_der: Vec<Vec<u8>>,
     pub roots_der: Vec<Vec<u8>>,
+}
+
+/// A downstream CA request, with the limits that apply to it.
+#[derive(Debug, Clone)]
+pub struct MintRequest<'a> {
+    pub csr: &'a [u8],
+    /// Requested lifetime in seconds; 0 means `max_ttl`.
+    pub preferred_ttl_seconds: i64,
+    /// The trust domain the request names, or empty to take the CSR's.
+    pub trust_domain: &'a str,
+    pub max_ttl: Duration,
+    pub path_len: u8,
+}
+
+/// A minted downstream CA certificate.
+#[derive(Debug, Clone)]
+pub struct MintedCa {
+    pub certificate: IssuedLeaf,
+    pub trust_domain: String,
+    pub intermediates_der: Vec<Vec<u8>>,
+    /// Conditions the caller should know about.
+    pub warnings: Vec<String>,
 }
 
 /// The caller and request ID, as established by the transport.
@@ -134,6 +164,10 @@ impl Issuance {
         &self.settings
     }
 
+    pub fn audit(&self) -> &Arc<AuditLog> {
+        &self.audit
+    }
+
     /// Signs an X509-SVID for the CSR's SPIFFE ID and records it. Writes exactly one audit event.
     ///
     /// # Errors
@@ -145,27 +179,41 @@ impl Issuance {
         csr: &[u8],
         ttl_seconds: Option<i64>,
     ) -> Result<IssuedSvid, IssueError> {
+        self.sign_svid(context, csr, ttl_seconds, PROFILE_X509_SVID, BTreeMap::new()).await
+    }
+
+    /// Signs an X509-SVID as [`Issuance::sign_x509_svid`] does, recorded and audited under
+    /// `profile`, with the caller's request metadata in the audit event.
+    ///
+    /// # Errors
+    ///
+    /// See [`IssueError`]; a refused request writes no issuance record.
+    pub async fn sign_svid(
+        &self,
+        context: &RequestContext,
+        csr: &[u8],
+        ttl_seconds: Option<i64>,
+        profile: &str,
+        metadata: BTreeMap<String, String>,
+    ) -> Result<IssuedSvid, IssueError> {
         let started = Instant::now();
-        let mut event =
-            AuditEvent::new(self.settings.node_id, &context.request_id, PROFILE_X509_SVID, Decision::Issued);
-        let result = self.sign_x509_svid_steps(context, csr, ttl_seconds, &mut event).await;
+        let mut event = AuditEvent::new(self.settings.node_id, &context.request_id, profile, Decision::Issued);
+        event.metadata = metadata;
+        let result = self.sign_x509_svid_steps(context, csr, ttl_seconds, profile, &mut event).await;
 
         match &result {
             Ok(issued) => {
                 record_issued(&mut event, &issued.leaf);
-                self.metrics.issued.with_label_values(&[PROFILE_X509_SVID, "issued"]).inc();
-                self.metrics
-                    .issuance_seconds
-                    .with_label_values(&[PROFILE_X509_SVID])
-                    .observe(started.elapsed().as_secs_f64());
+                self.metrics.issued.with_label_values(&[profile, "issued"]).inc();
+                self.metrics.issuance_seconds.with_label_values(&[profile]).observe(started.elapsed().as_secs_f64());
             }
             Err(error) => {
                 let code = crate::grpc::code_name(crate::grpc::status_from(error).code());
                 event.decision = Decision::Refused;
                 event.status = Some(code.to_owned());
                 event.reason = Some(error.to_string());
-                self.metrics.issued.with_label_values(&[PROFILE_X509_SVID, code]).inc();
-                info!(request_id = %context.request_id, caller = ?event.caller, %error, "x509-svid request rejected");
+                self.metrics.issued.with_label_values(&[profile, code]).inc();
+                info!(request_id = %context.request_id, caller = ?event.caller, profile, %error, "x509-svid request rejected");
             }
         }
         self.audit.log(event);
@@ -177,6 +225,7 @@ impl Issuance {
         context: &RequestContext,
         csr: &[u8],
         ttl_seconds: Option<i64>,
+        profile: &str,
         event: &mut AuditEvent,
     ) -> Result<IssuedSvid, IssueError> {
         let caller = context.caller.clone().map_err(|reason| IssueError::Unauthenticated { reason })?;
@@ -213,10 +262,138 @@ impl Issuance {
             ttl,
         };
         let leaf = self.sign_blocking(&leaf_request).await?;
-        self.record(&leaf, checked.spiffe_id.as_str(), caller.as_str(), PROFILE_X509_SVID).await?;
+        self.record(&leaf, checked.spiffe_id.as_str(), caller.as_str(), profile).await?;
 
         let chain = self.ca.chain();
         Ok(IssuedSvid { leaf, intermediates_der: chain.intermediates_der.clone(), roots_der: chain.roots_der.clone() })
+    }
+
+    /// Mints a CA certificate for a downstream CA, such as a SPIRE server, and records it. Writes
+    /// exactly one audit event.
+    ///
+    /// # Errors
+    ///
+    /// See [`IssueError`]; a refused request writes no issuance record.
+    pub async fn mint_x509_ca(
+        &self,
+        context: &RequestContext,
+        request: &MintRequest<'_>,
+    ) -> Result<MintedCa, IssueError> {
+        let started = Instant::now();
+        let mut event =
+            AuditEvent::new(self.settings.node_id, &context.request_id, PROFILE_DOWNSTREAM_CA, Decision::Issued);
+        let result = self.mint_x509_ca_steps(context, request, &mut event).await;
+        match &result {
+            Ok(minted) => {
+                record_issued(&mut event, &minted.certificate);
+                event.warnings.clone_from(&minted.warnings);
+                self.metrics.issued.with_label_values(&[PROFILE_DOWNSTREAM_CA, "issued"]).inc();
+                self.metrics
+                    .issuance_seconds
+                    .with_label_values(&[PROFILE_DOWNSTREAM_CA])
+                    .observe(started.elapsed().as_secs_f64());
+                for warning in &minted.warnings {
+                    warn!(request_id = %context.request_id, caller = ?event.caller, warning, "downstream CA minted with a warning");
+                }
+            }
+            Err(error) => {
+                let code = crate::grpc::code_name(crate::grpc::status_from(error).code());
+                event.decision = Decision::Refused;
+                event.status = Some(code.to_owned());
+                event.reason = Some(error.to_string());
+                self.metrics.issued.with_label_values(&[PROFILE_DOWNSTREAM_CA, code]).inc();
+                info!(request_id = %context.request_id, caller = ?event.caller, %error, "downstream CA request rejected");
+            }
+        }
+        self.audit.log(event);
+        result
+    }
+
+    async fn mint_x509_ca_steps(
+        &self,
+        context: &RequestContext,
+        request: &MintRequest<'_>,
+        event: &mut AuditEvent,
+    ) -> Result<MintedCa, IssueError> {
+        let caller = context.caller.clone().map_err(|reason| IssueError::Unauthenticated { reason })?;
+        event.caller = Some(caller.to_string());
+        self.check_ca_valid()?;
+        self.policy.take_token(&caller).inspect_err(|_| {
+            self.metrics.policy_decisions.with_label_values(&["rate_limited"]).inc();
+        })?;
+
+        let checked = crate::csr::check_ca_csr(request.csr)?;
+        let trust_domain = mint_trust_domain(request.trust_domain, checked.trust_domain.as_deref())?;
+        event.spiffe_id = Some(format!("spiffe://{trust_domain}"));
+        self.apply_downstream_policy(&caller, &trust_domain, event)?;
+
+        let mut warnings = Vec::new();
+        let ttl = mint_ttl(request.preferred_ttl_seconds, request.max_ttl, &mut warnings)?;
+        event.ttl_seconds = Some(ttl.as_secs());
+        let now = OffsetDateTime::now_utc();
+        warn_if_long_lived(now, ttl, self.ca.summary().not_after, &mut warnings);
+
+        let ca_request = DownstreamCaRequest {
+            spki_der: &checked.spki_der,
+            trust_domain: &trust_domain,
+            subject: &checked.subject,
+            path_len: request.path_len,
+            ttl,
+        };
+        let certificate = self.sign_ca_blocking(&ca_request).await?;
+        let spiffe_id = format!("spiffe://{trust_domain}");
+        self.record(&certificate, &spiffe_id, caller.as_str(), PROFILE_DOWNSTREAM_CA).await?;
+        Ok(MintedCa {
+            certificate,
+            trust_domain,
+            intermediates_der: self.ca.chain().intermediates_der.clone(),
+            warnings,
+        })
+    }
+
+    /// Decides whether `caller` may act for `trust_domain`, honouring monitor mode.
+    ///
+    /// # Errors
+    ///
+    /// [`IssueError::Denied`] in enforce mode when policy does not allow it.
+    pub fn apply_downstream_policy(
+        &self,
+        caller: &SpiffeId,
+        trust_domain: &str,
+        event: &mut AuditEvent,
+    ) -> Result<(), IssueError> {
+        let Err(denial) = self.policy.check_downstream(caller, trust_domain) else {
+            self.metrics.policy_decisions.with_label_values(&["allow"]).inc();
+            return Ok(());
+        };
+        if self.policy.mode() == PolicyMode::Monitor {
+            self.metrics.policy_decisions.with_label_values(&["monitor_deny"]).inc();
+            warn!(request_id = %event.request_id, %caller, %denial, "policy would deny; going on because policy mode is monitor");
+            event.decision = Decision::WouldRefuseMonitor;
+            event.reason = Some(denial.to_string());
+            return Ok(());
+        }
+        self.metrics.policy_decisions.with_label_values(&["deny"]).inc();
+        Err(denial.into())
+    }
+
+    async fn sign_ca_blocking(&self, request: &DownstreamCaRequest<'_>) -> Result<IssuedLeaf, IssueError> {
+        let ca = Arc::clone(&self.ca);
+        let spki = request.spki_der.to_vec();
+        let trust_domain = request.trust_domain.to_owned();
+        let subject = request.subject.to_vec();
+        let (path_len, ttl) = (request.path_len, request.ttl);
+        let signed = tokio::task::spawn_blocking(move || {
+            let request =
+                DownstreamCaRequest { spki_der: &spki, trust_domain: &trust_domain, subject: &subject, path_len, ttl };
+            ca.issue_ca(&request, OffsetDateTime::now_utc())
+        })
+        .await
+        .map_err(|e| IssueError::Internal(format!("signing task failed: {e}")))?;
+        signed.map_err(|error| match error {
+            CaError::PathLength { .. } => IssueError::CaUnavailable(error),
+            other => IssueError::Signing(other),
+        })
     }
 
     /// Signs a TLS server certificate for an ACME order and records it. Writes exactly one audit
@@ -408,10 +585,127 @@ impl Issuance {
     }
 }
 
+/// The trust domain a downstream CA is for: the request's, the CSR's, or both when they agree.
+fn mint_trust_domain(requested: &str, from_csr: Option<&str>) -> Result<String, IssueError> {
+    if !requested.is_empty() {
+        crate::spiffe_id::check_trust_domain(requested)
+            .map_err(|error| IssueError::InvalidRequest(format!("trust_domain is invalid: {error}")))?;
+    }
+    match (requested, from_csr) {
+        ("", Some(found)) => Ok(found.to_owned()),
+        ("", None) => Err(IssueError::InvalidRequest(
+            "trust_domain is empty and the CSR has no URI SAN to take it from".to_owned(),
+        )),
+        (requested, Some(found)) if requested != found => Err(IssueError::InvalidRequest(format!(
+            "the CSR's URI SAN spiffe://{found} is for trust domain {found:?}, but the request names {requested:?}"
+        ))),
+        (requested, _) => Ok(requested.to_owned()),
+    }
+}
+
+/// The lifetime of a minted CA: the preferred TTL, or the policy maximum when none is given or
+/// the preferred one is longer, which adds a warning.
+fn mint_ttl(preferred_seconds: i64, max_ttl: Duration, warnings: &mut Vec<String>) -> Result<Duration, IssueError> {
+    if preferred_seconds < 0 {
+        return Err(IssueError::InvalidTtl {
+            value: preferred_seconds,
+            reason: "it must not be negative (0 asks for the policy maximum)".to_owned(),
+        });
+    }
+    let preferred = Duration::from_secs(preferred_seconds.unsigned_abs());
+    if preferred.is_zero() {
+        return Ok(max_ttl);
+    }
+    if preferred > max_ttl {
+        warnings.push(format!(
+            "preferred TTL {}s is above the policy maximum of {}s (downstream.max_ttl); the CA was minted with {}s",
+            preferred.as_secs(),
+            max_ttl.as_secs(),
+            max_ttl.as_secs()
+        ));
+        return Ok(max_ttl);
+    }
+    Ok(preferred)
+}
+
+/// Warns when the minted CA lives longer than a sixth of the issuer's remaining lifetime: a
+/// nested SPIRE server activates its next CA when a sixth of the current one's life is left, and
+/// that CA would then be cut short by the issuer's expiry.
+fn warn_if_long_lived(
+    now: OffsetDateTime,
+    ttl: Duration,
+    issuer_not_after: OffsetDateTime,
+    warnings: &mut Vec<String>,
+) {
+    let remaining = (issuer_not_after - now).max(time::Duration::ZERO);
+    let not_after = (now + ttl).min(issuer_not_after);
+    let lifetime = not_after - now;
+    if ttl > remaining.unsigned_abs() {
+        warnings.push(format!(
+            "the CA's lifetime was cut to {}s, the issuing CA's remaining lifetime",
+            lifetime.whole_seconds()
+        ));
+    }
+    if lifetime * 6 > remaining {
+        warnings.push(format!(
+            "the CA's lifetime of {}s is more than a sixth of the issuing CA's remaining {}s; a downstream CA that \
+             rotates at a sixth of its lifetime may activate a CA close to the issuer's expiry",
+            lifetime.whole_seconds(),
+            remaining.whole_seconds()
+        ));
+    }
+}
+
 /// Adds the issued certificate's serial, notAfter and hash to an audit event. The decision stays as
 /// set, because monitor mode issues with a would-be refusal.
 fn record_issued(event: &mut AuditEvent, leaf: &IssuedLeaf) {
     event.serial = Some(hex::encode(&leaf.serial));
     event.not_after = crate::audit::rfc3339_from_unix(leaf.not_after.unix_timestamp());
     event.cert_sha256 = Some(hex::encode(leaf.sha256));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mint_trust_domain_takes_the_request_or_the_csr() {
+        assert_eq!(mint_trust_domain("", Some("example.org")).expect("from the CSR"), "example.org");
+        assert_eq!(mint_trust_domain("example.org", None).expect("from the request"), "example.org");
+        assert_eq!(mint_trust_domain("example.org", Some("example.org")).expect("both agree"), "example.org");
+        let mismatch = mint_trust_domain("example.org", Some("other.org")).expect_err("they differ").to_string();
+        assert!(mismatch.contains("spiffe://other.org") && mismatch.contains("\"example.org\""), "{mismatch}");
+        let neither = mint_trust_domain("", None).expect_err("none given").to_string();
+        assert!(neither.contains("no URI SAN"), "{neither}");
+        let bad = mint_trust_domain("Example.ORG", None).expect_err("upper case").to_string();
+        assert!(bad.contains("Example.ORG"), "{bad}");
+    }
+
+    #[test]
+    fn mint_ttl_is_shortened_to_the_maximum_with_a_warning() {
+        let max = Duration::from_secs(7200);
+        let mut warnings = Vec::new();
+        assert_eq!(mint_ttl(0, max, &mut warnings).expect("default"), max);
+        assert_eq!(mint_ttl(600, max, &mut warnings).expect("short"), Duration::from_secs(600));
+        assert!(warnings.is_empty());
+        assert_eq!(mint_ttl(9000, max, &mut warnings).expect("long"), max);
+        assert!(warnings[0].contains("9000s") && warnings[0].contains("7200s"), "{warnings:?}");
+        let negative = mint_ttl(-1, max, &mut warnings).expect_err("negative").to_string();
+        assert!(negative.contains("-1"), "{negative}");
+    }
+
+    #[test]
+    fn a_ca_longer_than_a_sixth_of_the_issuers_remaining_life_is_warned_about() {
+        let now = OffsetDateTime::UNIX_EPOCH + time::Duration::days(1000);
+        let issuer_not_after = now + time::Duration::days(60);
+        let mut warnings = Vec::new();
+        warn_if_long_lived(now, Duration::from_secs(10 * 86_400), issuer_not_after, &mut warnings);
+        assert!(warnings.is_empty(), "10 days is a sixth of 60: {warnings:?}");
+        warn_if_long_lived(now, Duration::from_secs(11 * 86_400), issuer_not_after, &mut warnings);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("more than a sixth"), "{warnings:?}");
+        warnings.clear();
+        warn_if_long_lived(now, Duration::from_secs(90 * 86_400), issuer_not_after, &mut warnings);
+        assert!(warnings.iter().any(|warning| warning.contains("cut to 5184000s")), "{warnings:?}");
+    }
 }

@@ -6,6 +6,8 @@
 
 pub mod acme;
 pub mod audit;
+pub mod authority;
+pub mod bundle;
 pub mod ca;
 pub mod cli;
 pub mod client;
@@ -14,6 +16,7 @@ pub mod csr;
 pub mod dev;
 pub mod grpc;
 pub mod issuance;
+pub mod istio;
 pub mod ledger;
 pub mod logging;
 pub mod metrics;
@@ -31,4 +34,9 @@ pub mod publication;
 
 pub mod proto {
     tonic::include_proto!("sigil.v1");
+}
+
+/// Generated types and service of Istio's certificate API, package `istio.v1.auth`.
+pub mod istio_proto {
+    tonic::include_proto!("istio.v1.auth");
 }

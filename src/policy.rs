@@ -158,6 +158,10 @@ pub enum PolicyDenial {
     #[error("requested TTL {requested_seconds}s is above the maximum of {max_seconds}s for caller {caller}")]
     Ttl { caller: String, requested_seconds: u64, max_seconds: u64 },
     #[error(
+        "caller {caller} may not act for trust domain {requested:?}: it is not in the caller's downstream_trust_domains {allowed:?}"
+    )]
+    TrustDomain { caller: String, requested: String, allowed: Vec<String> },
+    #[error(
         "SPIFFE ID {requested} is reserved: paths under /sigil/ name Sigil's own nodes and administrators, which \
          only the cluster's administration commands issue"
     )]
@@ -234,6 +238,26 @@ impl Policy {
     /// Returns whether the caller may use the Admin service.
     pub fn is_admin(&self, caller: &SpiffeId) -> bool {
         self.callers.get(caller.as_str()).is_some_and(|c| c.policy.admin)
+    }
+
+    /// Decides whether the caller may mint downstream CAs for, and publish JWT authorities of,
+    /// `trust_domain`.
+    ///
+    /// # Errors
+    ///
+    /// [`PolicyDenial::UnknownCaller`] or [`PolicyDenial::TrustDomain`].
+    pub fn check_downstream(&self, caller: &SpiffeId, trust_domain: &str) -> Result<(), PolicyDenial> {
+        let Some(entry) = self.callers.get(caller.as_str()) else {
+            return Err(PolicyDenial::UnknownCaller { caller: caller.to_string() });
+        };
+        if entry.policy.downstream_trust_domains.iter().any(|allowed| allowed == trust_domain) {
+            return Ok(());
+        }
+        Err(PolicyDenial::TrustDomain {
+            caller: caller.to_string(),
+            requested: trust_domain.to_owned(),
+            allowed: entry.policy.downstream_trust_domains.clone(),
+        })
     }
 
     /// Decides a request against the caller's entry. This does not consume rate-limit tokens.
@@ -388,6 +412,7 @@ mod tests {
             rate_per_second: 1.0,
             rate_burst: 2,
             admin: false,
+            downstream_trust_domains: Vec::new(),
         };
         Policy::new(&PolicySection { mode: PolicyMode::Enforce, callers: vec![caller] })
     }

@@ -16,16 +16,20 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
 use crate::audit::AuditLog;
+use crate::authority::AuthorityService;
 use crate::ca::{CaChain, HsmSigner, IssuingCa};
 use crate::config::Config;
 use crate::grpc::{AdminService, IssuerService, NodeInfo};
 use crate::issuance::{Issuance, IssuanceSettings};
+use crate::istio::IstioService;
+use crate::istio_proto::istio_certificate_service_server::IstioCertificateServiceServer;
 use crate::ledger::Ledger;
 use crate::metrics::{Health, Metrics};
 use crate::peer_tls::NodePeerTls;
 use crate::policy::Policy;
 use crate::proto::HsmStatus;
 use crate::proto::admin_server::AdminServer;
+use crate::proto::authority_server::AuthorityServer;
 use crate::proto::issuer_server::IssuerServer;
 use crate::replica::{Replica, ReplicaSettings};
 use crate::tls::{NodeCertResolver, certified_key, server_config};
@@ -243,6 +247,12 @@ async fn serve_node(config: Config) -> anyhow::Result<()> {
             health.clone(),
             config.issuance.node_cert_ttl,
         )))
+        .add_service(AuthorityServer::new(AuthorityService::new(
+            Arc::clone(&issuance),
+            config.downstream.clone(),
+            shutdown_rx.clone(),
+        )))
+        .add_service(IstioCertificateServiceServer::new(IstioService::new(Arc::clone(&issuance))))
         .serve_with_incoming_shutdown(incoming, wait_for(shutdown_rx.clone()));
     let grpc = tokio::spawn(grpc.in_current_span());
 

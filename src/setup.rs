@@ -72,7 +72,7 @@ pub async fn init(args: &InitArgs) -> anyhow::Result<()> {
         common_name: &config.ca.common_name,
         organization: &config.ca.organization,
         validity: args.validity,
-        path_len: Some(0),
+        path_len: Some(config.ca.path_len),
     };
 
     if !args.dev_root {

@@ -65,6 +65,7 @@ async fn expired_intermediate_is_failed_precondition() {
         rate_per_second: 100.0,
         rate_burst: 100,
         admin: false,
+        downstream_trust_domains: Vec::new(),
     };
     let issuance = Issuance::new(
         ca,

@@ -63,6 +63,9 @@ pub(crate) struct StagedEntry {
     /// The state after the entry, except the applied index and digest.
     pub(crate) next: LedgerState,
     pub(crate) results: Vec<CommandOutcome>,
+    /// The entry changed what the trust bundle is made of: a CA version, or a key-value entry under
+    /// [`keys::BUNDLE_KV_PREFIX`].
+    pub(crate) bundle_touched: bool,
 }
 
 /// An entry while its commands are staged.
@@ -73,6 +76,7 @@ pub(super) struct EntryStage<'s> {
     pub(super) batch: WriteBatch,
     /// One slot per command of the entry, filled as each command is staged.
     pub(super) results: Vec<Option<CommandOutcome>>,
+    pub(super) bundle_touched: bool,
 }
 
 /// The decoded commands of one entry grouped by kind, each with its
@@ -124,6 +128,7 @@ impl Store {
             state: *prior,
             batch: WriteBatch::default(),
             results: vec![None; commands.len()],
+            bundle_touched: false,
         };
         let grouped = stage.decode_commands(commands);
         stage.stage_installs(grouped.installs)?;
@@ -191,6 +196,7 @@ impl EntryStage<'_> {
 
         self.state.latest_ca_version = version;
         self.state.active_ca_version = version;
+        self.bundle_touched = true;
         *active = Some(stored);
         Ok(CommandResult::CaInstalled { version, already_installed: false })
     }
@@ -253,7 +259,7 @@ impl EntryStage<'_> {
             .into_iter()
             .map(|outcome| outcome.expect("every command of the entry is decoded or staged"))
             .collect();
-        StagedEntry { batch: self.batch, next: self.state, results }
+        StagedEntry { batch: self.batch, next: self.state, results, bundle_touched: self.bundle_touched }
     }
 }
 

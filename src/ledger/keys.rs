@@ -18,6 +18,10 @@ pub(crate) const SCHEMA_VERSION: u64 = 1;
 /// Width of an expiry bucket in seconds. Purges drop whole buckets.
 pub(crate) const BUCKET_SECONDS: u64 = 3600;
 
+/// Key-value entries under this prefix hold trust bundle material, such as JWT authorities; a
+/// change to one of them wakes the bundle watchers.
+pub const BUNDLE_KV_PREFIX: &[u8] = b"bundle/";
+
 pub(crate) const META_SCHEMA_VERSION: &[u8] = b"schema_version";
 pub(crate) const META_APPLIED_INDEX: &[u8] = b"applied_index";
 pub(crate) const META_DIGEST: &[u8] = b"digest";

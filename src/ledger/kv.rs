@@ -65,6 +65,7 @@ impl EntryStage<'_> {
     ) -> Result<CommandResult, LedgerError> {
         let revision = self.state.kv_revision + 1;
         for write in transaction.writes {
+            self.bundle_touched |= write.key.starts_with(keys::BUNDLE_KV_PREFIX);
             let previous = self.current(&write.key, overlay)?;
             if let Some(previous) = &previous
                 && previous.expires_unix > 0
@@ -112,6 +113,7 @@ impl EntryStage<'_> {
         for entry in self.store.db.iterator_cf_opt(expiry, options, rocksdb::IteratorMode::Start) {
             let (index_key, _) = entry.map_err(|cause| LedgerError::storage("read key-value expiry index", cause))?;
             let key = &index_key[8..];
+            self.bundle_touched |= key.starts_with(keys::BUNDLE_KV_PREFIX);
             self.batch.delete_cf(self.store.cf(CF_KV), key);
             removed += 1;
         }

@@ -48,6 +48,8 @@ pub(crate) struct StateMachine {
     /// Copy of the state after the last successful write, for readers.
     committed: Mutex<LedgerState>,
     pub(crate) counters: Counters,
+    /// The index of the last entry that changed the trust bundle's material, or of a restore.
+    bundle_changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl StateMachine {
@@ -58,6 +60,7 @@ impl StateMachine {
             path: path.to_owned(),
             store: RwLock::new(Some(store)),
             writes: Mutex::new(WriteSlot { halted_at: None }),
+            bundle_changes: tokio::sync::watch::Sender::new(state.applied_index),
             committed: Mutex::new(state),
             counters: Counters::default(),
         })
@@ -71,6 +74,15 @@ impl StateMachine {
 
     pub(crate) fn set_committed_state(&self, state: LedgerState) {
         *self.committed.lock().unwrap_or_else(PoisonError::into_inner) = state;
+    }
+
+    pub(crate) fn watch_bundle(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.bundle_changes.subscribe()
+    }
+
+    /// Wakes the bundle watchers, as after a restore replaced the whole state.
+    pub(crate) fn bundle_changed(&self, index: u64) {
+        self.bundle_changes.send_replace(index);
     }
 
     /// Runs `read` on the open database. It waits while a restore runs.
@@ -151,6 +163,9 @@ impl StateMachine {
             }
             self.set_committed_state(next);
             store.purge_cutoff.store(next.purge_cutoff, Ordering::Release);
+            if staged.bundle_touched {
+                self.bundle_changed(index);
+            }
             Ok(staged.results)
         })?;
 

@@ -87,6 +87,7 @@ pub use command::{
     MAX_KV_KEY_LEN, MAX_KV_OPERATIONS, MAX_KV_VALUE_LEN, MAX_SERIAL_LEN, PurgeExpired, RecordIssuances, printable_key,
 };
 pub use error::LedgerError;
+pub use keys::BUNDLE_KV_PREFIX;
 pub use writer::MAX_BATCH_RECORDS;
 
 use machine::{AppliedEntry, StateMachine};
@@ -228,6 +229,13 @@ impl Ledger {
         let (done, result) = oneshot::channel();
         queue.send(Pending { record, done }).await.map_err(|_| LedgerError::Closed)?;
         result.await.map_err(|_| LedgerError::Closed)?
+    }
+
+    /// Returns a receiver that wakes after each entry that changes the trust bundle's material
+    /// (CA versions, or key-value entries under [`BUNDLE_KV_PREFIX`]) and after a restore. Its value
+    /// is the index of that entry.
+    pub fn watch_bundle(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.machine.watch_bundle()
     }
 
     pub fn active_ca(&self) -> Result<Option<CaVersion>, LedgerError> {

@@ -80,6 +80,7 @@ impl StateMachine {
         drop(writes);
 
         folders.remove_previous();
+        self.bundle_changed(state.applied_index);
         tracing::info!(
             path = %self.path.display(),
             checkpoint = %dir.display(),

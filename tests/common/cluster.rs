@@ -286,10 +286,16 @@ impl DevCluster {
     }
 
     pub fn connection(&self, id: u64) -> Connection {
+        self.connection_as(id, "client")
+    }
+
+    /// Connection settings for node `id` with the credential in the dev folder's `credential`
+    /// subfolder, such as "spire-server" or "istio".
+    pub fn connection_as(&self, id: u64, credential: &str) -> Connection {
         Connection {
             address: self.endpoint(id).grpc,
-            cert: self.dir.join("client/cert.pem"),
-            key: self.dir.join("client/key.pem"),
+            cert: self.dir.join(credential).join("cert.pem"),
+            key: self.dir.join(credential).join("key.pem"),
             ca: self.dir.join("bundle.pem"),
         }
     }

@@ -67,6 +67,7 @@ async fn go_plugin_host_mints_ca() {
         run.stderr
     );
     assert!(run.stdout.starts_with("gohost: ok:"), "unexpected host output:\n{}", run.stdout);
+    eprintln!("{}", run.stdout.trim_end());
 
     let cluster_roots = read_certificates(&cluster.dir.join("bundle.pem"));
     let received_roots = read_certificates(&out_dir.join("upstream_x509_roots.pem"));

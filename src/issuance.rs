@@ -620,6 +620,9 @@ fn mint_trust_domain(requested: &str, from_csr: Option<&str>) -> Result<String, 
     }
 }
 
+/// Shortest lifetime of a minted CA: a shorter one could expire before the caller uses it.
+const MIN_CA_TTL: Duration = Duration::from_secs(60);
+
 /// The lifetime of a minted CA: the preferred TTL, or the policy maximum when none is given or
 /// the preferred one is longer, which adds a warning.
 fn mint_ttl(preferred_seconds: i64, max_ttl: Duration, warnings: &mut Vec<String>) -> Result<Duration, IssueError> {
@@ -632,6 +635,12 @@ fn mint_ttl(preferred_seconds: i64, max_ttl: Duration, warnings: &mut Vec<String
     let preferred = Duration::from_secs(preferred_seconds.unsigned_abs());
     if preferred.is_zero() {
         return Ok(max_ttl);
+    }
+    if preferred < MIN_CA_TTL {
+        return Err(IssueError::InvalidTtl {
+            value: preferred_seconds,
+            reason: format!("a CA must live at least {} seconds", MIN_CA_TTL.as_secs()),
+        });
     }
     if preferred > max_ttl {
         warnings.push(format!(
@@ -709,6 +718,8 @@ mod tests {
         assert!(warnings[0].contains("9000s") && warnings[0].contains("7200s"), "{warnings:?}");
         let negative = mint_ttl(-1, max, &mut warnings).expect_err("negative").to_string();
         assert!(negative.contains("-1"), "{negative}");
+        let short = mint_ttl(1, max, &mut warnings).expect_err("too short").to_string();
+        assert!(short.contains("at least 60 seconds"), "{short}");
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //!
 //! The first tests need no Sigil node: they cover the loader's services, configuration errors,
 //! bounded retries against closed ports and the process life cycle. The tests after them play
-//! SPIRE against a 3-node `sigil dev` cluster: they mint a CA and check it as SPIRE does, share
-//! JWT authorities between two SPIRE servers, and kill the node a plugin talks to.
+//! SPIRE against a 3-node `sigil dev` cluster. They mint a CA and check it as SPIRE does, share
+//! JWT authorities between two SPIRE servers, and kill the node a plugin talks to. One follows a
+//! CA rotation and a root taint on the plugin's open streams.
 //!
 //! The plugin binary must sit next to the `sigil` binary: `cargo build --release --workspace
 //! --bins` builds both.
@@ -16,16 +17,19 @@ mod common;
 #[path = "common/spire.rs"]
 mod spire;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cluster_harness::{CLUSTER_TESTS, DevCluster};
 use common::TRUST_DOMAIN;
+use sigil::proto::admin_client::AdminClient;
+use sigil::proto::{RotateCaRequest, TaintCaRootRequest};
 use spire::{
     Plugin, closed_loopback_address, key_ids, next_within, openssl_verify, plugin_bin, plugin_data, read_handshake,
-    socket_of_handshake, spire_csr, spire_environment, spire_jwt_key, throwaway_leaf, write_test_credential,
+    root_taint_by_fingerprint, sha256_hex, socket_of_handshake, spire_csr, spire_environment, spire_jwt_key,
+    throwaway_leaf, write_test_credential,
 };
 use tonic::Code;
 use x509_parser::prelude::{FromDer as _, X509Certificate};
@@ -43,6 +47,11 @@ const PUBLISH_LIMIT: Duration = Duration::from_secs(5);
 /// cRLSign (bit 6), in x509-parser's flag order.
 const ALLOWED_CA_KEY_USAGE: u16 = 0b0110_0001;
 const KEY_CERT_SIGN: u16 = 0b0010_0000;
+/// Seconds from a CA rotation until Sigil's new intermediate signs.
+const ACTIVATE_AFTER: u64 = 6;
+/// Time within which an admin call must return and a change of Sigil's bundle must reach an open
+/// plugin stream. Generous because the machine is shared with other builds.
+const UPDATE_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[test]
 fn run_by_hand_prints_usage() {
@@ -470,5 +479,110 @@ async fn sigil_denial_keeps_its_status() {
     let retry_message = "publish JWT authority failed; trying the next endpoint";
     let retries = plugin.log_lines().iter().filter(|line| line["@message"] == retry_message).count();
     assert_eq!(retries, 0, "a denial was retried:\n{}", plugin.log());
+    cluster.stop(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_and_taint_reach_open_streams() {
+    let _serial = CLUSTER_TESTS.lock().await;
+    let (mut cluster, endpoints) = cluster().await;
+    let plugin = configured_plugin(&cluster, &endpoints).await;
+    let work = tempfile::tempdir().expect("create temporary folder");
+
+    let (_, csr) = spire_csr(TRUST_DOMAIN);
+    let mut mint_stream =
+        plugin.mint(csr, 3600).await.unwrap_or_else(|status| panic!("mint: {status:?}\n{}", plugin.log()));
+    let minted = next_within(&mut mint_stream, UPDATE_TIMEOUT, "mint").await.expect("first mint response");
+    let before = root_taint_by_fingerprint(&minted.upstream_x509_roots);
+    assert_eq!(before.len(), 1, "one root before the rotation: {before:?}");
+    let old_root = before.keys().next().cloned().expect("one root");
+    assert!(!before[&old_root], "the old root is tainted before the rotation");
+    let old_intermediate =
+        minted.x509_ca_chain.get(1).expect("Sigil's intermediate follows the minted CA").asn1.clone();
+
+    let mut bundle = plugin.subscribe().await.expect("SubscribeToLocalBundle");
+    let local = next_within(&mut bundle, UPDATE_TIMEOUT, "subscribe").await.expect("first bundle message");
+    assert_eq!(root_taint_by_fingerprint(&local.upstream_x509_roots), before, "subscribe roots before the rotation");
+
+    // The admin calls go to node 2, and the plugin's streams run against node 1, so the changes
+    // reach the streams through replication.
+    let mut admin = AdminClient::new(cluster.channel(2).await);
+    let request = RotateCaRequest { activate_after_seconds: ACTIVATE_AFTER, validity_seconds: 30 * 24 * 3600 };
+    let rotated = tokio::time::timeout(UPDATE_TIMEOUT, admin.rotate_ca(request))
+        .await
+        .expect("RotateCa returns within 30 s")
+        .expect("rotate the CA")
+        .into_inner();
+    let new_root = rotated.root_fingerprint_sha256.clone();
+    assert_eq!(new_root, sha256_hex(&rotated.root), "RotateCa returns the fingerprint of its root");
+    assert_ne!(new_root, old_root, "the rotation made a new root");
+
+    let both_untainted = BTreeMap::from([(old_root.clone(), false), (new_root.clone(), false)]);
+    let update = next_within(&mut mint_stream, UPDATE_TIMEOUT, "mint after rotation").await;
+    let update = update.unwrap_or_else(|| panic!("no new root on the mint stream within 30 s:\n{}", plugin.log()));
+    assert!(update.x509_ca_chain.is_empty(), "a root update carries {} chain certificates", update.x509_ca_chain.len());
+    assert_eq!(root_taint_by_fingerprint(&update.upstream_x509_roots), both_untainted, "mint roots after the rotation");
+    let update = next_within(&mut bundle, UPDATE_TIMEOUT, "subscribe after rotation").await;
+    let update = update.unwrap_or_else(|| panic!("no new root on the subscribe stream within 30 s:\n{}", plugin.log()));
+    assert_eq!(
+        root_taint_by_fingerprint(&update.upstream_x509_roots),
+        both_untainted,
+        "subscribe roots after rotation"
+    );
+
+    // SPIRE mints again and gets a CA under the new intermediate once it is active, before the
+    // old root is tainted.
+    let deadline = Instant::now() + Duration::from_secs(ACTIVATE_AFTER) + UPDATE_TIMEOUT;
+    let (remint_key, remint) = loop {
+        let (key, csr) = spire_csr(TRUST_DOMAIN);
+        let mut stream =
+            plugin.mint(csr, 3600).await.unwrap_or_else(|status| panic!("mint again: {status:?}\n{}", plugin.log()));
+        let response = next_within(&mut stream, UPDATE_TIMEOUT, "mint again").await.expect("mint response");
+        let intermediate = &response.x509_ca_chain.get(1).expect("Sigil's intermediate follows the minted CA").asn1;
+        if *intermediate == rotated.intermediate {
+            break (key, response);
+        }
+        assert_eq!(*intermediate, old_intermediate, "the CA was minted under an unknown intermediate");
+        assert!(
+            Instant::now() < deadline,
+            "Sigil did not mint under the new intermediate within {ACTIVATE_AFTER} s + 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    assert!(
+        now >= rotated.activate_at,
+        "the new intermediate signed before its activation time {}",
+        rotated.activate_at
+    );
+    assert_eq!(root_taint_by_fingerprint(&remint.upstream_x509_roots), both_untainted, "roots of the new mint");
+    let chain: Vec<&[u8]> = remint.x509_ca_chain.iter().map(|c| c.asn1.as_slice()).collect();
+    let (ok, output) = openssl_verify(work.path(), "reminted", &[&rotated.root], &chain[1..], chain[0]);
+    assert!(ok, "the CA minted after activation does not chain to the new root: {output}");
+    let (leaf, _) = throwaway_leaf(TRUST_DOMAIN, chain[0], &remint_key);
+    let (ok, output) = openssl_verify(work.path(), "reminted-leaf", &[&rotated.root], &chain, &leaf);
+    assert!(ok, "a leaf under the CA minted after activation does not chain to the new root: {output}");
+
+    let request = TaintCaRootRequest { root_fingerprint_sha256: old_root.clone() };
+    let tainted = tokio::time::timeout(UPDATE_TIMEOUT, admin.taint_ca_root(request))
+        .await
+        .expect("TaintCaRoot returns within 30 s")
+        .expect("taint the old root")
+        .into_inner();
+    assert_eq!(tainted.signing_version, rotated.version, "the new CA version signs after the taint");
+
+    let old_tainted = BTreeMap::from([(old_root.clone(), true), (new_root.clone(), false)]);
+    let update = next_within(&mut mint_stream, UPDATE_TIMEOUT, "mint after taint").await;
+    let update = update.unwrap_or_else(|| panic!("no taint on the mint stream within 30 s:\n{}", plugin.log()));
+    assert!(update.x509_ca_chain.is_empty(), "a root update carries {} chain certificates", update.x509_ca_chain.len());
+    assert_eq!(root_taint_by_fingerprint(&update.upstream_x509_roots), old_tainted, "mint roots after the taint");
+    let update = next_within(&mut bundle, UPDATE_TIMEOUT, "subscribe after taint").await;
+    let update = update.unwrap_or_else(|| panic!("no taint on the subscribe stream within 30 s:\n{}", plugin.log()));
+    assert_eq!(root_taint_by_fingerprint(&update.upstream_x509_roots), old_tainted, "subscribe roots after the taint");
+
+    let quiet = tokio::time::timeout(QUIET_PERIOD, mint_stream.message()).await;
+    assert!(quiet.is_err(), "the mint stream ended or sent a message after the taint: {quiet:?}");
+    let quiet = tokio::time::timeout(QUIET_PERIOD, bundle.message()).await;
+    assert!(quiet.is_err(), "the subscribe stream ended or sent a message after the taint: {quiet:?}");
     cluster.stop(Duration::from_secs(10)).await;
 }

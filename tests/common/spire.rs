@@ -5,6 +5,7 @@
 //! The message types are written here from the proto files, so the tests also check the field
 //! numbers the plugin uses on the wire.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::{BufRead as _, BufReader, Read as _};
 use std::path::{Path, PathBuf};
@@ -498,6 +499,24 @@ pub fn spire_jwt_key(key_id: &str) -> JwtKey {
         expires_at,
         tainted: false,
     }
+}
+
+/// Returns SPIRE's upstream roots as a map from the SHA-256 fingerprint of each root's DER
+/// (lower-case hex, as Sigil's admin API prints it) to its tainted flag. A root listed twice
+/// fails the test, because SPIRE would receive an ambiguous set.
+pub fn root_taint_by_fingerprint(roots: &[wire::X509Certificate]) -> BTreeMap<String, bool> {
+    let mut flags = BTreeMap::new();
+    for root in roots {
+        let fingerprint = sha256_hex(&root.asn1);
+        let repeated = flags.insert(fingerprint.clone(), root.tainted);
+        assert!(repeated.is_none(), "root {fingerprint} is listed twice");
+    }
+    flags
+}
+
+/// Returns the SHA-256 of `der` in lower-case hex.
+pub fn sha256_hex(der: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, der))
 }
 
 /// Returns the key IDs of a list of JWT keys, sorted.

@@ -146,14 +146,13 @@ pub fn read(ledger: &Ledger, trust_domain: &str, now: i64) -> Result<Bundle, Led
     Ok(Bundle { trust_domain: trust_domain.to_owned(), version, x509_roots, jwt_authorities })
 }
 
-/// The roots of the active CA version, and of every other version whose intermediate has not
-/// expired, since certificates it signed may still be in use. Each root appears once.
+/// The roots of every CA version whose intermediate has not expired: the signing one, prepared
+/// ones that sign later, and older ones whose certificates may still be in use. Each root appears
+/// once, newest version first.
 fn x509_roots(ledger: &Ledger, now: i64) -> Result<Vec<X509Root>, LedgerError> {
-    let active = ledger.active_ca()?.map(|version| version.version);
     let mut roots: Vec<X509Root> = Vec::new();
     for version in ledger.ca_versions()?.into_iter().rev() {
-        let in_use = Some(version.version) == active || intermediate_valid_at(&version.intermediates_der, now);
-        if !in_use {
+        if !intermediate_valid_at(&version.intermediates_der, now) {
             continue;
         }
         for der in version.roots_der {

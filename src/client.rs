@@ -212,8 +212,13 @@ pub async fn status(target: &Target, json: bool) -> anyhow::Result<()> {
         (Some(dir), None) => Connection::all_from_dev_dir(dir)?,
         _ => vec![(target.node.unwrap_or(0), Connection::from_target(target)?)],
     };
+    let first_connection = connections.first().map(|(_, connection)| connection.clone());
     let queries = connections.into_iter().map(|(id, connection)| async move { (id, node_status(&connection).await) });
     let answers = futures_join_all(queries).await;
+    let bundle = match &first_connection {
+        Some(connection) => trust_bundle(connection).await.ok(),
+        None => None,
+    };
 
     let mut trust_domain = String::new();
     let mut nodes = Vec::new();
@@ -235,6 +240,9 @@ pub async fn status(target: &Target, json: bool) -> anyhow::Result<()> {
 
     if json {
         let mut value = status_json(&response);
+        if let (Some(bundle), Some(object)) = (&bundle, value.as_object_mut()) {
+            object.insert("bundle".to_owned(), bundle_json(bundle));
+        }
         if let Some(list) = value.get_mut("nodes").and_then(serde_json::Value::as_array_mut) {
             for (id, error) in &failures {
                 list.push(serde_json::json!({ "id": id, "reachable": false, "ready": false, "error": error }));
@@ -262,7 +270,43 @@ pub async fn status(target: &Target, json: bool) -> anyhow::Result<()> {
     for (id, error) in &failures {
         println!("{id:<4} unreachable: {error}");
     }
+    if let Some(bundle) = &bundle {
+        print_bundle(bundle);
+    }
     Ok(())
+}
+
+async fn trust_bundle(connection: &Connection) -> anyhow::Result<crate::proto::Bundle> {
+    let mut client = crate::proto::authority_client::AuthorityClient::new(connection.connect().await?);
+    let request = crate::proto::GetBundleRequest { trust_domain: String::new() };
+    Ok(client.get_bundle(request).await?.into_inner())
+}
+
+fn root_fingerprint(der: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, der))
+}
+
+fn bundle_json(bundle: &crate::proto::Bundle) -> serde_json::Value {
+    let roots: Vec<serde_json::Value> = bundle
+        .x509_authorities
+        .iter()
+        .map(|root| serde_json::json!({ "sha256": root_fingerprint(&root.certificate), "tainted": root.tainted }))
+        .collect();
+    let jwt: Vec<serde_json::Value> = bundle
+        .jwt_authorities
+        .iter()
+        .map(|key| serde_json::json!({ "key_id": key.key_id, "expires_at": key.expires_at, "tainted": key.tainted }))
+        .collect();
+    serde_json::json!({ "version": bundle.version, "x509_roots": roots, "jwt_authorities": jwt })
+}
+
+fn print_bundle(bundle: &crate::proto::Bundle) {
+    println!("trust bundle (version {}):", bundle.version);
+    for root in &bundle.x509_authorities {
+        let mark = if root.tainted { "  TAINTED" } else { "" };
+        println!("  root sha256 {}{mark}", root_fingerprint(&root.certificate));
+    }
+    println!("  JWT authorities: {}", bundle.jwt_authorities.len());
 }
 
 async fn node_status(connection: &Connection) -> anyhow::Result<crate::proto::GetStatusResponse> {

@@ -74,7 +74,12 @@ const HSM_OPEN_ATTEMPTS: u32 = 5;
 /// Fails when no CA is installed, the key is missing, or it does not match the certificate.
 pub fn load_ca(config: &Config, ledger: &Ledger, hsm: &Hsm) -> anyhow::Result<(u64, IssuingCa)> {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let version = crate::rotation::signing_version(ledger, now)?.ok_or(crate::ca::CaError::NotInstalled)?;
+    // With no version able to sign, loading the installed one reports why: expired, or a key
+    // that does not match.
+    let version = match crate::rotation::signing_version(ledger, now)? {
+        Some(version) => version,
+        None => ledger.active_ca()?.ok_or(crate::ca::CaError::NotInstalled)?,
+    };
     let ca = crate::rotation::load_version(config, hsm, &version)
         .context("refusing to start: the CA in the ledger is unusable")?;
     Ok((version.version, ca))

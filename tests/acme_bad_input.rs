@@ -76,6 +76,7 @@ async fn acme_rejects_bad_input() {
     rows.push(eab_wrong_mac_or_unknown_key(&context).await);
     rows.push(get_on_post_only_resource(&context).await);
     rows.push(unknown_order(&context).await);
+    rows.push(order_over_rate_limit(&mut context).await);
 
     let failed: Vec<&Row> = rows.iter().filter(|row| !row.failures.is_empty()).collect();
     eprintln!("\n{} rows in {:.1} s:", rows.len(), started.elapsed().as_secs_f64());
@@ -1220,5 +1221,39 @@ async fn unknown_order(context: &Context) -> Row {
     let exchange = send_signed(&mut session, &url, None).await;
     expect_problem(&mut row, "unknown order", &exchange, 404, ProblemType::Malformed, &[&url]);
     expect_unchanged(&mut row, &before, &context.snapshot().await);
+    row
+}
+
+/// Restarts node 1 with a limit of one order per account and hour. Alice created orders this hour
+/// already, so her next newOrder there is rejected with rateLimited and Retry-After, and creates
+/// nothing; node 2 keeps the default limit.
+async fn order_over_rate_limit(context: &mut Context) -> Row {
+    let mut row = Row::new("newOrder over the per-account rate limit");
+    context.cluster.kill_node(1).await;
+    context.cluster.set_options(1, "acme", &[("orders_per_account_per_hour", toml::Value::Integer(1))]);
+    context.cluster.serve_node(1);
+    context.cluster.wait_ready(1, Duration::from_secs(60)).await;
+
+    let before = context.snapshot().await;
+    let mut session = context.session(1, &context.alice).await;
+    let url = session.url("newOrder");
+    let exchange = send_signed(&mut session, &url, Some(&order_payload(&["limited.example.org"]))).await;
+    let account = context.on_node(&context.alice.url, 1);
+    expect_problem(&mut row, "over the limit", &exchange, 429, ProblemType::RateLimited, &[&account, "the limit is 1"]);
+    let retry_after = exchange.reply.header("retry-after").and_then(|value| value.parse::<u64>().ok());
+    row.check(retry_after.is_some_and(|seconds| (1..=3600).contains(&seconds)), || {
+        format!(
+            "Retry-After should be 1 to 3600 seconds, until the next hour: {retry_after:?}\n{}",
+            exchange.describe()
+        )
+    });
+    expect_unchanged(&mut row, &before, &context.snapshot().await);
+
+    let mut other_node = context.session(2, &context.alice).await;
+    let url = other_node.url("newOrder");
+    let allowed = send_signed(&mut other_node, &url, Some(&order_payload(&["unlimited.example.org"]))).await;
+    row.check(allowed.reply.status.as_u16() == 201, || {
+        format!("node 2 has the default limit, so the order should be created: {}", allowed.describe())
+    });
     row
 }

@@ -132,18 +132,32 @@ pub enum CaCommand {
         #[arg(long, value_parser = humantime::parse_duration, default_value = "30days")]
         ttl: Duration,
     },
-    /// Prepare a new CA version with a new development root on the running cluster. The new root
-    /// joins the trust bundle at once; the new intermediate signs after --activate-after. The old
-    /// root stays in the bundle until the old intermediate expires.
+    /// Prepare a new CA version on the running cluster. Without --csr-out or --intermediate, it makes a
+    /// new development root and intermediate. Under an offline root, run it first with --csr-out
+    /// (the node generates the next key and writes its CSR), have the root sign the CSR, then run
+    /// it with --intermediate, --root and --key-label against the same node. The new root joins the trust
+    /// bundle at once; the new intermediate signs after --activate-after.
     Rotate {
         #[command(flatten)]
         target: Target,
         /// Time until the new intermediate starts to sign, such as 1h or 30m.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
         activate_after: Duration,
-        /// Validity of the new intermediate; by default that of the current one.
+        /// Validity of the new development intermediate; by default that of the current one.
         #[arg(long, value_parser = humantime::parse_duration)]
         validity: Option<Duration>,
+        /// Offline root, step 1: write the CSR of the next intermediate key to this file.
+        #[arg(long, conflicts_with_all = ["intermediate", "root", "key_label", "validity"])]
+        csr_out: Option<PathBuf>,
+        /// Offline root, step 2: the signed intermediate (PEM), optionally followed by others.
+        #[arg(long, requires_all = ["root", "key_label"])]
+        intermediate: Option<PathBuf>,
+        /// Offline root, step 2: the root certificate(s) (PEM).
+        #[arg(long, requires = "intermediate")]
+        root: Option<PathBuf>,
+        /// Offline root, step 2: the key label that step 1 printed.
+        #[arg(long, requires = "intermediate")]
+        key_label: Option<String>,
     },
     /// Mark a root of the trust bundle as compromised. Downstream SPIRE servers rotate away from
     /// it at once, and the cluster signs with the newest version under another root.

@@ -398,22 +398,47 @@ fn status_json(response: &crate::proto::GetStatusResponse) -> serde_json::Value 
 /// Fails when the node cannot be reached or rejects the request.
 pub async fn ca_rotation(command: crate::cli::CaCommand) -> anyhow::Result<()> {
     use crate::cli::CaCommand;
-    use crate::proto::{RotateCaRequest, TaintCaRootRequest};
+    use crate::proto::{InstallCaVersionRequest, PrepareCaKeyRequest, RotateCaRequest, TaintCaRootRequest};
 
     let rejected = |status: tonic::Status| {
         anyhow::anyhow!("request rejected by the node: {:?}: {}", status.code(), status.message())
     };
     match command {
-        CaCommand::Rotate { target, activate_after, validity } => {
+        CaCommand::Rotate { target, activate_after, validity, csr_out, intermediate, root, key_label } => {
             let mut client = AdminClient::new(Connection::from_target(&target)?.connect().await?);
-            let request = RotateCaRequest {
-                activate_after_seconds: activate_after.as_secs().max(1),
-                validity_seconds: validity.map_or(0, |validity| validity.as_secs()),
+            if let Some(path) = csr_out {
+                let prepared = client.prepare_ca_key(PrepareCaKeyRequest {}).await.map_err(rejected)?.into_inner();
+                std::fs::write(&path, &prepared.csr).with_context(|| format!("write CSR to {}", path.display()))?;
+                println!("generated key {:?} in the HSM of node {}", prepared.key_label, prepared.node_id);
+                println!("CSR written to {}", path.display());
+                println!(
+                    "have the offline root sign it, then run: sigil ca rotate --intermediate CERT --root ROOT --key-label {} \
+                     (against node {})",
+                    prepared.key_label, prepared.node_id
+                );
+                return Ok(());
+            }
+            let rotated = match (intermediate, root, key_label) {
+                (Some(intermediate), Some(root), Some(key_label)) => {
+                    let request = InstallCaVersionRequest {
+                        key_label,
+                        intermediates: crate::setup::read_pem_certificates(&intermediate)?,
+                        roots: crate::setup::read_pem_certificates(&root)?,
+                        activate_after_seconds: activate_after.as_secs().max(1),
+                    };
+                    client.install_ca_version(request).await.map_err(rejected)?.into_inner()
+                }
+                _ => {
+                    let request = RotateCaRequest {
+                        activate_after_seconds: activate_after.as_secs().max(1),
+                        validity_seconds: validity.map_or(0, |validity| validity.as_secs()),
+                    };
+                    client.rotate_ca(request).await.map_err(rejected)?.into_inner()
+                }
             };
-            let rotated = client.rotate_ca(request).await.map_err(rejected)?.into_inner();
             let activate_at = crate::audit::rfc3339_from_unix(rotated.activate_at).unwrap_or_default();
             println!("prepared CA version {}", rotated.version);
-            println!("new root SHA-256: {}", rotated.root_fingerprint_sha256);
+            println!("root SHA-256: {}", rotated.root_fingerprint_sha256);
             println!("signs from: {activate_at}");
         }
         CaCommand::Taint { target, fingerprint } => {

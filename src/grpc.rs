@@ -11,9 +11,10 @@ use crate::proto::issuer_server::Issuer;
 use crate::proto::{
     AcmeEabKey, AddNodeRequest, CaStatus, CreateAcmeEabKeyRequest, CreateAcmeEabKeyResponse, DeleteAcmeEabKeyRequest,
     DeleteAcmeEabKeyResponse, GetStatusRequest, GetStatusResponse, GetTrustBundleRequest, GetTrustBundleResponse,
-    HsmStatus, IssueNodeCertificateRequest, IssueNodeCertificateResponse, ListAcmeEabKeysRequest,
-    ListAcmeEabKeysResponse, MembershipResponse, NodeStatus, RemoveNodeRequest, RotateCaRequest, RotateCaResponse,
-    SignX509SvidRequest, SignX509SvidResponse, TaintCaRootRequest, TaintCaRootResponse,
+    HsmStatus, InstallCaVersionRequest, IssueNodeCertificateRequest, IssueNodeCertificateResponse,
+    ListAcmeEabKeysRequest, ListAcmeEabKeysResponse, MembershipResponse, NodeStatus, PrepareCaKeyRequest,
+    PrepareCaKeyResponse, RemoveNodeRequest, RotateCaRequest, RotateCaResponse, SignX509SvidRequest,
+    SignX509SvidResponse, TaintCaRootRequest, TaintCaRootResponse,
 };
 use crate::replica::MembershipError;
 use crate::tls::caller_spiffe_id;
@@ -368,6 +369,65 @@ impl Admin for AdminService {
                 tracing::warn!(request_id, error = format!("{error:#}"), "CA rotation failed");
                 Status::failed_precondition(format!("{error:#}"))
             })?;
+        Ok(Response::new(RotateCaResponse {
+            version: rotated.version,
+            root_fingerprint_sha256: hex::encode(ring::digest::digest(&ring::digest::SHA256, &rotated.root_der)),
+            activate_at: rotated.activate_at,
+            intermediate: rotated.intermediate_der,
+            root: rotated.root_der,
+        }))
+    }
+
+    async fn prepare_ca_key(
+        &self,
+        request: Request<PrepareCaKeyRequest>,
+    ) -> Result<Response<PrepareCaKeyResponse>, Status> {
+        let (request_id, caller) = self.admin(&request)?;
+        let (config, hsm) =
+            self.rotation.clone().ok_or_else(|| Status::unimplemented("this node cannot rotate its CA"))?;
+        tracing::info!(request_id, %caller, "next CA key requested");
+        let prepared = tokio::task::spawn_blocking(move || crate::rotation::prepare_key(&config, &hsm))
+            .await
+            .map_err(|error| Status::internal(format!("key task failed: {error}")))?;
+        let (key_label, csr) = prepared.map_err(|error| {
+            tracing::warn!(request_id, error = format!("{error:#}"), "preparing the next CA key failed");
+            Status::unavailable(format!("{error:#}"))
+        })?;
+        Ok(Response::new(PrepareCaKeyResponse { key_label, csr, node_id: self.issuance.settings().node_id }))
+    }
+
+    async fn install_ca_version(
+        &self,
+        request: Request<InstallCaVersionRequest>,
+    ) -> Result<Response<RotateCaResponse>, Status> {
+        let (request_id, caller) = self.admin(&request)?;
+        let request = request.into_inner();
+        let (config, hsm) =
+            self.rotation.clone().ok_or_else(|| Status::unimplemented("this node cannot rotate its CA"))?;
+        if request.key_label.is_empty() || request.intermediates.is_empty() || request.roots.is_empty() {
+            return Err(Status::invalid_argument(
+                "key_label, intermediates and roots are required; key_label comes from PrepareCaKey",
+            ));
+        }
+        let activate_after = match request.activate_after_seconds {
+            0 => crate::rotation::DEFAULT_ACTIVATE_AFTER,
+            seconds => std::time::Duration::from_secs(seconds),
+        };
+        tracing::info!(request_id, %caller, key_label = %request.key_label, "CA version install requested");
+        let chain = crate::ca::CaChain { intermediates_der: request.intermediates, roots_der: request.roots };
+        let rotated = crate::rotation::install_prepared(
+            config,
+            hsm,
+            Arc::clone(&self.issuance),
+            request.key_label,
+            chain,
+            activate_after,
+        )
+        .await
+        .map_err(|error| {
+            tracing::warn!(request_id, error = format!("{error:#}"), "CA version install failed");
+            Status::failed_precondition(format!("{error:#}"))
+        })?;
         Ok(Response::new(RotateCaResponse {
             version: rotated.version,
             root_fingerprint_sha256: hex::encode(ring::digest::digest(&ring::digest::SHA256, &rotated.root_der)),

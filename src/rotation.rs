@@ -337,6 +337,88 @@ fn make_version(config: &Config, hsm: &Hsm, validity: Duration, now: i64) -> any
     Ok(MadeVersion { key_label, intermediate_der, root_der, wrapped_key })
 }
 
+/// Generates the next intermediate key in this node's HSM and returns its label and a PEM CSR for
+/// an offline root to sign. BLOCKING.
+///
+/// # Errors
+///
+/// Fails when the HSM cannot generate or sign.
+pub fn prepare_key(config: &Config, hsm: &Hsm) -> anyhow::Result<(String, String)> {
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let key_label = format!("{}-{now}", config.ca.key_label);
+    let extractability =
+        if config.hsm.kek_label.is_some() { Extractability::WrapWithTrustedOnly } else { Extractability::Never };
+    let key = hsm
+        .generate_key_pair(&key_label, config.ca_key_type()?, extractability)
+        .with_context(|| format!("generate CA key {key_label:?}"))?;
+    let signer = HsmSigner::new(hsm.clone(), key)?;
+    let spec = CaCertificateSpec {
+        common_name: &config.ca.common_name,
+        organization: &config.ca.organization,
+        validity: Duration::from_secs(3600),
+        path_len: Some(config.ca.path_len),
+    };
+    let csr = crate::ca::intermediate_csr(&signer, &spec)?;
+    info!(key_label, "generated the next CA key; its CSR goes to the offline root");
+    Ok((key_label, csr))
+}
+
+/// Installs an intermediate that an offline root signed for a key made by [`prepare_key`] as a
+/// prepared CA version, after checking the chain against the key.
+///
+/// # Errors
+///
+/// Fails when this node's HSM lacks the key, the chain does not check out, a cluster of several
+/// nodes has no key-encryption key, or the ledger fails.
+pub async fn install_prepared(
+    config: Arc<Config>,
+    hsm: Hsm,
+    issuance: Arc<Issuance>,
+    key_label: String,
+    chain: CaChain,
+    activate_after: Duration,
+) -> anyhow::Result<Rotated> {
+    let voters = issuance.replica().status().voters.len();
+    if config.hsm.kek_label.is_none() && voters > 1 {
+        bail!(
+            "this cluster has {voters} voters but hsm.kek_label is not set, so the key could not reach the other nodes"
+        );
+    }
+    let checked_chain = chain.clone();
+    let label = key_label.clone();
+    let wrapped_key = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<u8>> {
+        let key = hsm.find_key(&label).with_context(|| {
+            format!("find key {label:?} in this node's HSM (send the install to the node that prepared the key)")
+        })?;
+        let signer = HsmSigner::new(hsm.clone(), key.clone())?;
+        check_chain(&signer, &checked_chain).context("check the signed chain against the prepared key")?;
+        match &config.hsm.kek_label {
+            Some(kek_label) => Ok(hsm.wrap_key(kek_label, &key).context("wrap the CA key")?.encode().to_vec()),
+            None => Ok(Vec::new()),
+        }
+    })
+    .await??;
+
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let activate_at = now + i64::try_from(activate_after.as_secs().max(1)).unwrap_or(i64::MAX);
+    let intermediate_der = chain.intermediates_der.first().cloned().context("no intermediate given")?;
+    let root_der = chain.roots_der.first().cloned().context("no root given")?;
+    let command = Command::install_ca(InstallCa {
+        key_label: key_label.clone(),
+        intermediates_der: chain.intermediates_der,
+        roots_der: chain.roots_der,
+        installed_at_unix: now,
+        activate_at_unix: activate_at,
+        wrapped_key,
+    });
+    let result = issuance.replica().write(sigil_raft::RequestId::random(), &command).await.map_err(write_error)?;
+    let CommandResult::CaInstalled { version, .. } = result else {
+        bail!("installing the CA version returned {result:?}");
+    };
+    info!(version, key_label, activate_at, "installed a CA version signed by the offline root");
+    Ok(Rotated { version, activate_at, intermediate_der, root_der })
+}
+
 /// Marks the root whose DER has SHA-256 `fingerprint` as tainted. Returns the version that signs
 /// afterwards.
 ///

@@ -13,7 +13,10 @@ use cluster_harness::{CLUSTER_TESTS, DevCluster};
 use sigil::proto::admin_client::AdminClient;
 use sigil::proto::authority_client::AuthorityClient;
 use sigil::proto::issuer_client::IssuerClient;
-use sigil::proto::{Bundle, GetBundleRequest, RotateCaRequest, SignX509SvidRequest, TaintCaRootRequest};
+use sigil::proto::{
+    Bundle, GetBundleRequest, InstallCaVersionRequest, PrepareCaKeyRequest, RotateCaRequest, SignX509SvidRequest,
+    TaintCaRootRequest,
+};
 use tonic::Code;
 
 /// Seconds from the rotation until the new intermediate signs.
@@ -116,4 +119,110 @@ async fn rotation_publishes_then_switches_then_taints() {
         .await
         .expect_err("an unknown fingerprint");
     assert!(status.message().contains(&"00".repeat(32)), "{}", status.message());
+
+    rotate_under_an_offline_root(&cluster, &mut stream, &rotated.intermediate).await;
+}
+
+/// Signs `csr_pem` with a new openssl root that never touches Sigil, as an offline root would.
+/// Returns the intermediate and the root, DER.
+fn sign_with_offline_root(work: &std::path::Path, csr_pem: &str) -> (Vec<u8>, Vec<u8>) {
+    let path = |name: &str| work.join(name).display().to_string();
+    std::fs::write(work.join("next.csr"), csr_pem).expect("write CSR");
+    common::openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        &path("root.key"),
+        "-out",
+        &path("root.pem"),
+        "-days",
+        "3650",
+        "-subj",
+        "/O=Example Offline Root/CN=Root 2",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    std::fs::write(
+        work.join("next.ext"),
+        "basicConstraints=critical,CA:TRUE,pathlen:1\nkeyUsage=critical,keyCertSign,cRLSign,digitalSignature\n\
+         subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n",
+    )
+    .expect("write extensions");
+    common::openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &path("next.csr"),
+        "-CA",
+        &path("root.pem"),
+        "-CAkey",
+        &path("root.key"),
+        "-CAcreateserial",
+        "-days",
+        "365",
+        "-sha256",
+        "-extfile",
+        &path("next.ext"),
+        "-out",
+        &path("next.pem"),
+    ]);
+    let der = |name: &str| {
+        let text = std::fs::read_to_string(work.join(name)).expect("read PEM");
+        pem::parse(text).expect("parse PEM").into_contents()
+    };
+    (der("next.pem"), der("root.pem"))
+}
+
+/// The offline-root path: node 1 prepares the next key and its CSR, openssl signs it, the signed
+/// intermediate is refused by a node without the key and installed through node 1, its root is
+/// published, and every node switches to it.
+async fn rotate_under_an_offline_root(
+    cluster: &DevCluster,
+    stream: &mut tonic::Streaming<Bundle>,
+    previous_intermediate: &[u8],
+) {
+    let work = tempfile::tempdir().expect("temporary folder");
+    let mut node_1 = AdminClient::new(cluster.channel(1).await);
+    let prepared = node_1.prepare_ca_key(PrepareCaKeyRequest {}).await.expect("prepare the next key").into_inner();
+    assert_eq!(prepared.node_id, 1);
+    let (intermediate, root) = sign_with_offline_root(work.path(), &prepared.csr);
+    let request = InstallCaVersionRequest {
+        key_label: prepared.key_label.clone(),
+        intermediates: vec![intermediate.clone()],
+        roots: vec![root.clone()],
+        activate_after_seconds: 3,
+    };
+
+    let mut node_2 = AdminClient::new(cluster.channel(2).await);
+    let status = node_2.install_ca_version(request.clone()).await.expect_err("node 2 does not hold the key");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{}", status.message());
+    assert!(status.message().contains(&prepared.key_label), "{}", status.message());
+
+    let installed = node_1.install_ca_version(request).await.expect("install through node 1").into_inner();
+    assert_eq!(installed.root, root);
+    let published = next_bundle(stream).await;
+    assert!(
+        published.x509_authorities.iter().any(|authority| authority.certificate == root),
+        "the offline root joins the bundle"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for id in 1..=3 {
+        loop {
+            let signing = signing_intermediate(cluster, id).await;
+            if signing == intermediate {
+                break;
+            }
+            assert_eq!(signing, previous_intermediate, "node {id} signs with a known intermediate");
+            assert!(Instant::now() < deadline, "node {id} did not switch to the offline root's intermediate");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
 }

@@ -17,6 +17,9 @@ use crate::config::{BUNDLE_PATH, CLIENT_CERT_PATH, CLIENT_KEY_PATH, Settings};
 #[derive(Clone)]
 pub struct Credentials {
     pub tls: ClientTlsConfig,
+    /// The certificates of `bundle_path`, PEM, which `tls` trusts.
+    bundle_pem: Vec<u8>,
+    identity: Identity,
     /// URI SAN of the client certificate: the SPIFFE ID that Sigil's policy matches.
     pub client_id: Option<String>,
     /// Expiry of the client certificate, seconds since the Unix epoch.
@@ -52,10 +55,42 @@ pub fn load(settings: &Settings, now: i64) -> Result<Credentials, Vec<String>> {
     if let Err(error) = check_key_matches(&key, &client.public_key, settings) {
         return Err(vec![error]);
     }
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(bundle.as_slice()))
-        .identity(Identity::from_pem(client.pem.as_slice(), key.pem.as_slice()));
-    Ok(Credentials { tls, client_id: client.uri, not_after: client.not_after })
+    let identity = Identity::from_pem(client.pem.as_slice(), key.pem.as_slice());
+    let tls =
+        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(bundle.as_slice())).identity(identity.clone());
+    Ok(Credentials { tls, bundle_pem: bundle, identity, client_id: client.uri, not_after: client.not_after })
+}
+
+impl Credentials {
+    /// Returns credentials that also trust `roots_der`, such as the roots Sigil's bundle lists
+    /// after a CA rotation. Sigil's nodes renew their TLS certificates under the new root, and a
+    /// file at `bundle_path` written before the rotation lacks it.
+    pub fn with_roots(&self, roots_der: &[Vec<u8>]) -> Credentials {
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(self.bundle_pem.as_slice()));
+        for der in roots_der {
+            let pem = pem_encode(der);
+            tls = tls.ca_certificate(Certificate::from_pem(pem.as_bytes()));
+        }
+        Credentials {
+            tls: tls.identity(self.identity.clone()),
+            bundle_pem: self.bundle_pem.clone(),
+            identity: self.identity.clone(),
+            client_id: self.client_id.clone(),
+            not_after: self.not_after,
+        }
+    }
+}
+
+fn pem_encode(der: &[u8]) -> String {
+    use base64::Engine as _;
+    let body = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in body.as_bytes().chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(line));
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
 }
 
 struct ClientCertificate {
@@ -221,6 +256,17 @@ mod tests {
         let credentials = load(&files.settings("cert.pem", "key.pem", "bundle.pem"), NOW).expect("load credentials");
         assert_eq!(credentials.client_id.as_deref(), Some("spiffe://example.org/spire/server"));
         assert_eq!(credentials.not_after, 1_893_456_000);
+    }
+
+    #[test]
+    fn added_roots_are_encoded_as_pem_certificates() {
+        let der = rcgen::CertificateParams::default().self_signed(&key()).expect("self-sign").der().to_vec();
+        let pem = pem_encode(&der);
+        let parsed: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(pem.as_bytes()).collect::<Result<_, _>>().expect("parse PEM");
+        assert_eq!(parsed.len(), 1);
+        assert_eq!(parsed[0].as_ref(), der.as_slice(), "the PEM carries the same DER");
+        assert!(pem.lines().all(|line| line.len() <= 64), "lines are at most 64 characters");
     }
 
     #[test]

@@ -130,6 +130,9 @@ struct Node {
 pub struct SigilClient {
     trust_domain: String,
     nodes: Vec<Node>,
+    credentials: Credentials,
+    /// Roots from Sigil's bundle that the channels trust besides the `bundle_path` file.
+    bundle_roots: Vec<Vec<u8>>,
     /// Index of the endpoint that responded last, where the next call starts.
     preferred: AtomicUsize,
 }
@@ -158,7 +161,28 @@ impl SigilClient {
         if nodes.is_empty() {
             return Err("endpoints is empty; list at least one Sigil host:port".to_owned());
         }
-        Ok(SigilClient { trust_domain: trust_domain.to_owned(), nodes, preferred: AtomicUsize::new(0) })
+        Ok(SigilClient {
+            trust_domain: trust_domain.to_owned(),
+            nodes,
+            credentials: credentials.clone(),
+            bundle_roots: Vec::new(),
+            preferred: AtomicUsize::new(0),
+        })
+    }
+
+    /// Returns a client whose channels also trust `roots_der`, or None when this one already
+    /// trusts exactly those.
+    fn trusting(&self, roots_der: Vec<Vec<u8>>) -> Option<Result<SigilClient, String>> {
+        if roots_der == self.bundle_roots {
+            return None;
+        }
+        let endpoints: Vec<String> = self.nodes.iter().map(|node| node.address.clone()).collect();
+        Some(SigilClient::new(&self.trust_domain, &endpoints, &self.credentials.with_roots(&roots_der)).map(
+            |mut client| {
+                client.bundle_roots = roots_der;
+                client
+            },
+        ))
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -392,6 +416,7 @@ impl BundleWatch {
                 Ok(Some(bundle)) => {
                     self.backoff.reset();
                     self.newest_version = Some(bundle.version);
+                    self.trust_bundle_roots(&bundle);
                     return bundle;
                 }
                 Ok(None) => Status::unavailable("Sigil ended the bundle watch"),
@@ -404,6 +429,21 @@ impl BundleWatch {
 
     fn address(&self) -> &str {
         &self.client.nodes[self.index].address
+    }
+
+    /// Makes later connections trust the bundle's roots too, so that they still verify Sigil's
+    /// nodes after those renew their TLS certificates under a rotated root.
+    fn trust_bundle_roots(&self, bundle: &Bundle) {
+        let roots: Vec<Vec<u8>> = bundle.x509_authorities.iter().map(|root| root.certificate.clone()).collect();
+        let current = self.slot.get().unwrap_or_else(|| Arc::clone(&self.client));
+        match current.trusting(roots) {
+            None => {}
+            Some(Ok(client)) => {
+                info!(roots = client.bundle_roots.len(), "trusting the roots of Sigil's bundle for new connections");
+                self.slot.set(Arc::new(client));
+            }
+            Some(Err(error)) => error!(%error, "cannot trust the roots of Sigil's bundle; keeping bundle_path only"),
+        }
     }
 
     /// Opens the watch at the current endpoint, after any pending back-off, with the newest

@@ -84,7 +84,7 @@ pub struct AuditEvent {
     /// Request metadata the caller sent, such as Istio's `ClusterID` header.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub metadata: std::collections::BTreeMap<String, String>,
-    /// Conditions the answer warned the caller about.
+    /// Warnings the response gave the caller.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
     /// Hash of the previous line. The audit log sets it.

@@ -23,7 +23,7 @@ use crate::proto::authority_server::Authority;
 /// Audit kind of JWT authority publications.
 pub const KIND_JWT_AUTHORITY: &str = "jwt-authority";
 
-/// Longest wait between two bundle reads of a watch, so that time-based changes such as
+/// Maximum wait between two bundle reads of a watch, so that time-based changes such as
 /// expiring JWT authorities are seen even when their expiry is far off.
 const WATCH_RECHECK: Duration = Duration::from_secs(3600);
 
@@ -271,8 +271,8 @@ impl BundleWatch {
     }
 }
 
-/// How long a watch may sleep before the bundle can change without a ledger write: until the
-/// next JWT authority expires, and at most [`WATCH_RECHECK`].
+/// Returns how long a watch may sleep before the bundle can change without a ledger write: until
+/// the next JWT authority expires, and at most [`WATCH_RECHECK`].
 fn next_wait(bundle: &Bundle) -> Duration {
     let now = now_unix();
     bundle

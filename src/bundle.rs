@@ -60,8 +60,8 @@ impl Bundle {
         self.x509_roots == other.x509_roots && self.jwt_authorities == other.jwt_authorities
     }
 
-    /// The earliest time after `now` at which the bundle changes without a ledger write: a JWT
-    /// authority expires.
+    /// Returns the earliest time after `now` at which the bundle changes without a ledger write,
+    /// because a JWT authority expires.
     pub fn next_expiry(&self, now: i64) -> Option<i64> {
         self.jwt_authorities.iter().map(|authority| authority.expires_at).filter(|&at| at > now).min()
     }
@@ -352,7 +352,7 @@ mod tests {
     }
 
     #[test]
-    fn keys_of_one_trust_domain_share_a_prefix_no_other_has() {
+    fn jwt_keys_prefix_per_trust_domain() {
         let key = jwt_key("example.org", "k1");
         assert!(key.starts_with(&jwt_prefix("example.org")));
         assert!(!key.starts_with(&jwt_prefix("example.or")));

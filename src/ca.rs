@@ -388,8 +388,8 @@ impl IssuingCa {
         Ok(IssuedLeaf { der, serial, not_after, sha256 })
     }
 
-    /// A CA below the intermediate with path length `requested` needs the intermediate's own
-    /// path length to be above it (RFC 5280, section 4.2.1.9).
+    /// Checks that the intermediate may sign a CA of path length `requested`: its own path length
+    /// must be above it (RFC 5280, section 4.2.1.9).
     fn check_path_len(&self, requested: u8) -> Result<(), CaError> {
         match self.summary.path_len {
             Some(limit) if limit <= u32::from(requested) => {

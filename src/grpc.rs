@@ -137,7 +137,7 @@ pub struct AdminService {
     node: NodeInfo,
     health: crate::metrics::Health,
     node_cert_ttl: std::time::Duration,
-    /// What CA rotation needs: the node configuration and its HSM.
+    /// The node configuration and HSM that CA rotation uses.
     rotation: Option<(Arc<crate::config::Config>, sigil_hsm::Hsm)>,
 }
 
@@ -196,6 +196,16 @@ fn problem_status(problem: sigil_acme::Problem) -> Status {
         400 => Status::invalid_argument(problem.detail),
         503 => Status::unavailable(problem.detail),
         _ => Status::internal(problem.detail),
+    }
+}
+
+fn rotated_response(rotated: crate::rotation::Rotated) -> RotateCaResponse {
+    RotateCaResponse {
+        version: rotated.version,
+        root_fingerprint_sha256: hex::encode(ring::digest::digest(&ring::digest::SHA256, &rotated.root_der)),
+        activate_at: rotated.activate_at,
+        intermediate: rotated.intermediate_der,
+        root: rotated.root_der,
     }
 }
 
@@ -369,13 +379,7 @@ impl Admin for AdminService {
                 tracing::warn!(request_id, error = format!("{error:#}"), "CA rotation failed");
                 Status::failed_precondition(format!("{error:#}"))
             })?;
-        Ok(Response::new(RotateCaResponse {
-            version: rotated.version,
-            root_fingerprint_sha256: hex::encode(ring::digest::digest(&ring::digest::SHA256, &rotated.root_der)),
-            activate_at: rotated.activate_at,
-            intermediate: rotated.intermediate_der,
-            root: rotated.root_der,
-        }))
+        Ok(Response::new(rotated_response(rotated)))
     }
 
     async fn prepare_ca_key(
@@ -428,13 +432,7 @@ impl Admin for AdminService {
             tracing::warn!(request_id, error = format!("{error:#}"), "CA version install failed");
             Status::failed_precondition(format!("{error:#}"))
         })?;
-        Ok(Response::new(RotateCaResponse {
-            version: rotated.version,
-            root_fingerprint_sha256: hex::encode(ring::digest::digest(&ring::digest::SHA256, &rotated.root_der)),
-            activate_at: rotated.activate_at,
-            intermediate: rotated.intermediate_der,
-            root: rotated.root_der,
-        }))
+        Ok(Response::new(rotated_response(rotated)))
     }
 
     async fn taint_ca_root(

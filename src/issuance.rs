@@ -128,7 +128,7 @@ pub struct IssuanceSettings {
 /// The node's issuance service.
 pub struct Issuance {
     /// The CA that signs now. CA rotation replaces it while requests are in flight, so each
-    /// request loads it once and answers with the chain of the CA that signed.
+    /// request loads it once and returns the chain of the CA that signed.
     ca: ArcSwap<IssuingCa>,
     /// Ledger version of `ca`; 0 until the node sets it.
     ca_version: AtomicU64,
@@ -602,7 +602,7 @@ impl Issuance {
     }
 }
 
-/// The trust domain a downstream CA is for: the request's, the CSR's, or both when they agree.
+/// Picks the trust domain of a downstream CA: the request's, the CSR's, or both when they agree.
 fn mint_trust_domain(requested: &str, from_csr: Option<&str>) -> Result<String, IssueError> {
     if !requested.is_empty() {
         crate::spiffe_id::check_trust_domain(requested)
@@ -623,8 +623,8 @@ fn mint_trust_domain(requested: &str, from_csr: Option<&str>) -> Result<String, 
 /// Shortest lifetime of a minted CA: a shorter one could expire before the caller uses it.
 const MIN_CA_TTL: Duration = Duration::from_secs(60);
 
-/// The lifetime of a minted CA: the preferred TTL, or the policy maximum when none is given or
-/// the preferred one is longer, which adds a warning.
+/// Picks the lifetime of a minted CA: the preferred TTL, or the policy maximum when none is given
+/// or the preferred one is longer, which adds a warning.
 fn mint_ttl(preferred_seconds: i64, max_ttl: Duration, warnings: &mut Vec<String>) -> Result<Duration, IssueError> {
     if preferred_seconds < 0 {
         return Err(IssueError::InvalidTtl {
@@ -654,9 +654,9 @@ fn mint_ttl(preferred_seconds: i64, max_ttl: Duration, warnings: &mut Vec<String
     Ok(preferred)
 }
 
-/// Warns when the minted CA lives longer than a sixth of the issuer's remaining lifetime: a
-/// nested SPIRE server activates its next CA when a sixth of the current one's life is left, and
-/// that CA would then be cut short by the issuer's expiry.
+/// Warns when the minted CA lives longer than a sixth of the issuer's remaining lifetime. A nested
+/// SPIRE server activates its next CA when a sixth of the current one's life is left, and the
+/// issuer's expiry would then cut that CA short.
 fn warn_if_long_lived(
     now: OffsetDateTime,
     ttl: Duration,
@@ -695,12 +695,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn mint_trust_domain_takes_the_request_or_the_csr() {
+    fn mint_trust_domain_sources() {
         assert_eq!(mint_trust_domain("", Some("example.org")).expect("from the CSR"), "example.org");
         assert_eq!(mint_trust_domain("example.org", None).expect("from the request"), "example.org");
         assert_eq!(mint_trust_domain("example.org", Some("example.org")).expect("both agree"), "example.org");
         let mismatch = mint_trust_domain("example.org", Some("other.org")).expect_err("they differ").to_string();
-        assert!(mismatch.contains("spiffe://other.org") && mismatch.contains("\"example.org\""), "{mismatch}");
+        assert!(mismatch.contains("spiffe://other.org"), "{mismatch}");
+        assert!(mismatch.contains("\"example.org\""), "{mismatch}");
         let neither = mint_trust_domain("", None).expect_err("none given").to_string();
         assert!(neither.contains("no URI SAN"), "{neither}");
         let bad = mint_trust_domain("Example.ORG", None).expect_err("upper case").to_string();
@@ -708,14 +709,15 @@ mod tests {
     }
 
     #[test]
-    fn mint_ttl_is_shortened_to_the_maximum_with_a_warning() {
+    fn mint_ttl_above_maximum() {
         let max = Duration::from_secs(7200);
         let mut warnings = Vec::new();
         assert_eq!(mint_ttl(0, max, &mut warnings).expect("default"), max);
         assert_eq!(mint_ttl(600, max, &mut warnings).expect("short"), Duration::from_secs(600));
         assert!(warnings.is_empty());
         assert_eq!(mint_ttl(9000, max, &mut warnings).expect("long"), max);
-        assert!(warnings[0].contains("9000s") && warnings[0].contains("7200s"), "{warnings:?}");
+        assert!(warnings[0].contains("9000s"), "{warnings:?}");
+        assert!(warnings[0].contains("7200s"), "{warnings:?}");
         let negative = mint_ttl(-1, max, &mut warnings).expect_err("negative").to_string();
         assert!(negative.contains("-1"), "{negative}");
         let short = mint_ttl(1, max, &mut warnings).expect_err("too short").to_string();
@@ -723,7 +725,7 @@ mod tests {
     }
 
     #[test]
-    fn a_ca_longer_than_a_sixth_of_the_issuers_remaining_life_is_warned_about() {
+    fn long_lived_ca_warning() {
         let now = OffsetDateTime::UNIX_EPOCH + time::Duration::days(1000);
         let issuer_not_after = now + time::Duration::days(60);
         let mut warnings = Vec::new();

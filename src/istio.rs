@@ -36,8 +36,8 @@ impl IstioService {
         IstioService { issuance }
     }
 
-    /// The lifetime to issue: the requested one, or the node default when none is given, cut to
-    /// the caller's maximum.
+    /// Returns the lifetime to issue: the requested one, or the node default when none is given,
+    /// cut to the caller's maximum.
     fn clamped_ttl(&self, caller: Option<&crate::spiffe_id::SpiffeId>, requested: i64) -> Result<i64, Status> {
         if requested < 0 {
             return Err(status_from(&IssueError::InvalidTtl {
@@ -46,15 +46,15 @@ impl IstioService {
             }));
         }
         let default = i64::try_from(self.issuance.settings().default_ttl.as_secs()).unwrap_or(i64::MAX);
-        let wanted = if requested == 0 { default } else { requested };
+        let lifetime = if requested == 0 { default } else { requested };
         let max = caller
             .and_then(|caller| self.issuance.policy().max_ttl(caller))
-            .map_or(wanted, |max| i64::try_from(max.as_secs()).unwrap_or(i64::MAX));
-        Ok(wanted.min(max))
+            .map_or(lifetime, |max| i64::try_from(max.as_secs()).unwrap_or(i64::MAX));
+        Ok(lifetime.min(max))
     }
 }
 
-/// The request's headers and metadata fields worth keeping in the audit event: headers as
+/// Collects the request's headers and metadata fields for the audit event: headers as
 /// `header.<name>`, metadata fields as `metadata.<key>`.
 fn audited_fields<T>(request: &Request<T>, metadata: Option<&prost_types::Struct>) -> BTreeMap<String, String> {
     let mut fields = BTreeMap::new();

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use ring::digest::{SHA256, digest};
-use sigil_hsm::{Extractability, Hsm, WrappedKey};
+use sigil_hsm::{Extractability, Hsm, KeyRef, WrappedKey};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
@@ -29,7 +29,7 @@ use crate::tls::{ClientTrust, NodeCertResolver};
 /// Activation delay of a rotation that sets none.
 pub const DEFAULT_ACTIVATE_AFTER: Duration = Duration::from_secs(3600);
 
-/// Longest wait between two checks of the signing CA, so that an activation time is met even
+/// Maximum wait between two checks of the signing CA, so that an activation time is met even
 /// without a ledger change.
 const RECHECK: Duration = Duration::from_secs(5);
 
@@ -165,13 +165,13 @@ async fn check_once(
 ///
 /// # Errors
 ///
-/// Fails when the ledger cannot be read or holds no root.
+/// Fails when the ledger cannot be read or contains no root.
 pub fn trusted_roots(ledger: &Ledger) -> anyhow::Result<Vec<Vec<u8>>> {
     let now = OffsetDateTime::now_utc().unix_timestamp();
     let bundle = bundle::read(ledger, "", now).context("read the trust bundle")?;
     let roots: Vec<Vec<u8>> = bundle.x509_roots.into_iter().map(|root| root.der).collect();
     if roots.is_empty() {
-        bail!("the ledger holds no root certificate");
+        bail!("no root certificate found in the ledger; install a CA first");
     }
     Ok(roots)
 }
@@ -241,6 +241,25 @@ pub async fn rotate(
     activate_after: Duration,
     validity: Option<Duration>,
 ) -> anyhow::Result<Rotated> {
+    require_kek_for_cluster(&config, &issuance)?;
+    let validity = match validity {
+        Some(validity) => validity,
+        None => current_validity(&issuance.ca().chain().intermediates_der)?,
+    };
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let made = tokio::task::spawn_blocking({
+        let (config, hsm) = (Arc::clone(&config), hsm.clone());
+        move || make_version(&config, &hsm, validity, now)
+    })
+    .await??;
+
+    let chain = CaChain { intermediates_der: vec![made.intermediate_der], roots_der: vec![made.root_der] };
+    install_version(&issuance, made.key_label, chain, made.wrapped_key, activate_after).await
+}
+
+/// Returns an error when a cluster of several voters has no key-encryption key, because a new CA
+/// key could then not reach the other nodes' HSMs.
+fn require_kek_for_cluster(config: &Config, issuance: &Issuance) -> anyhow::Result<()> {
     let voters = issuance.replica().status().voters.len();
     if config.hsm.kek_label.is_none() && voters > 1 {
         bail!(
@@ -248,32 +267,60 @@ pub async fn rotate(
              other nodes' HSMs"
         );
     }
-    let validity = match validity {
-        Some(validity) => validity,
-        None => current_validity(&issuance.ca().chain().intermediates_der)?,
-    };
+    Ok(())
+}
+
+/// Commits `chain` as a prepared CA version that signs `activate_after` from now, with its key
+/// wrapped under the key-encryption key (or empty when the nodes need no copy).
+async fn install_version(
+    issuance: &Issuance,
+    key_label: String,
+    chain: CaChain,
+    wrapped_key: Vec<u8>,
+    activate_after: Duration,
+) -> anyhow::Result<Rotated> {
     let now = OffsetDateTime::now_utc().unix_timestamp();
     let activate_at = now + i64::try_from(activate_after.as_secs().max(1)).unwrap_or(i64::MAX);
-    let made = tokio::task::spawn_blocking({
-        let (config, hsm) = (Arc::clone(&config), hsm.clone());
-        move || make_version(&config, &hsm, validity, now)
-    })
-    .await??;
-
+    let intermediate_der = chain.intermediates_der.first().cloned().context("no intermediate given")?;
+    let root_der = chain.roots_der.first().cloned().context("no root given")?;
     let command = Command::install_ca(InstallCa {
-        key_label: made.key_label.clone(),
-        intermediates_der: vec![made.intermediate_der.clone()],
-        roots_der: vec![made.root_der.clone()],
+        key_label: key_label.clone(),
+        intermediates_der: chain.intermediates_der,
+        roots_der: chain.roots_der,
         installed_at_unix: now,
         activate_at_unix: activate_at,
-        wrapped_key: made.wrapped_key,
+        wrapped_key,
     });
     let result = issuance.replica().write(sigil_raft::RequestId::random(), &command).await.map_err(write_error)?;
     let CommandResult::CaInstalled { version, .. } = result else {
         bail!("installing the CA version returned {result:?}");
     };
-    info!(version, key_label = %made.key_label, activate_at, "prepared a new CA version");
-    Ok(Rotated { version, activate_at, intermediate_der: made.intermediate_der, root_der: made.root_der })
+
+    info!(version, key_label, activate_at, "prepared a new CA version");
+    Ok(Rotated { version, activate_at, intermediate_der, root_der })
+}
+
+/// Generates the next intermediate key in the HSM, under a label with the time `now`. The key can
+/// be wrapped only under a trusted key, and only when a key-encryption key is configured.
+// NOTE: a key whose version is never committed (a failed ledger write, or a prepared key that
+// is never installed) stays in the HSM under its label; nothing removes it yet.
+fn generate_next_key(config: &Config, hsm: &Hsm, now: i64) -> anyhow::Result<(String, KeyRef)> {
+    let key_label = format!("{}-{now}", config.ca.key_label);
+    let extractability =
+        if config.hsm.kek_label.is_some() { Extractability::WrapWithTrustedOnly } else { Extractability::Never };
+    let key = hsm
+        .generate_key_pair(&key_label, config.ca_key_type()?, extractability)
+        .with_context(|| format!("generate CA key {key_label:?}"))?;
+    Ok((key_label, key))
+}
+
+/// Wraps `key` under the key-encryption key for the other nodes, or returns an empty blob when
+/// none is configured. BLOCKING.
+fn wrap_for_cluster(config: &Config, hsm: &Hsm, key: &KeyRef) -> anyhow::Result<Vec<u8>> {
+    match &config.hsm.kek_label {
+        Some(kek_label) => Ok(hsm.wrap_key(kek_label, key).context("wrap the CA key")?.encode().to_vec()),
+        None => Ok(Vec::new()),
+    }
 }
 
 fn write_error(error: WriteError) -> anyhow::Error {
@@ -300,12 +347,7 @@ struct MadeVersion {
 /// Generates the keys and certificates of a new version. BLOCKING.
 fn make_version(config: &Config, hsm: &Hsm, validity: Duration, now: i64) -> anyhow::Result<MadeVersion> {
     let key_type = config.ca_key_type()?;
-    let key_label = format!("{}-{now}", config.ca.key_label);
-    let extractability =
-        if config.hsm.kek_label.is_some() { Extractability::WrapWithTrustedOnly } else { Extractability::Never };
-    let key = hsm
-        .generate_key_pair(&key_label, key_type, extractability)
-        .with_context(|| format!("generate CA key {key_label:?}"))?;
+    let (key_label, key) = generate_next_key(config, hsm, now)?;
     let intermediate = HsmSigner::new(hsm.clone(), key.clone())?;
     let root_label = format!("{}-dev-root-{now}", config.ca.key_label);
     let root_key = hsm
@@ -330,10 +372,7 @@ fn make_version(config: &Config, hsm: &Hsm, validity: Duration, now: i64) -> any
     let intermediate_der = sign_intermediate(&intermediate, &root, &root_der, &intermediate_spec)?;
     let chain = CaChain { intermediates_der: vec![intermediate_der.clone()], roots_der: vec![root_der.clone()] };
     check_chain(&intermediate, &chain).context("check the new chain")?;
-    let wrapped_key = match &config.hsm.kek_label {
-        Some(kek_label) => hsm.wrap_key(kek_label, &key).context("wrap the new CA key")?.encode().to_vec(),
-        None => Vec::new(),
-    };
+    let wrapped_key = wrap_for_cluster(config, hsm, &key)?;
     Ok(MadeVersion { key_label, intermediate_der, root_der, wrapped_key })
 }
 
@@ -345,12 +384,7 @@ fn make_version(config: &Config, hsm: &Hsm, validity: Duration, now: i64) -> any
 /// Fails when the HSM cannot generate or sign.
 pub fn prepare_key(config: &Config, hsm: &Hsm) -> anyhow::Result<(String, String)> {
     let now = OffsetDateTime::now_utc().unix_timestamp();
-    let key_label = format!("{}-{now}", config.ca.key_label);
-    let extractability =
-        if config.hsm.kek_label.is_some() { Extractability::WrapWithTrustedOnly } else { Extractability::Never };
-    let key = hsm
-        .generate_key_pair(&key_label, config.ca_key_type()?, extractability)
-        .with_context(|| format!("generate CA key {key_label:?}"))?;
+    let (key_label, key) = generate_next_key(config, hsm, now)?;
     let signer = HsmSigner::new(hsm.clone(), key)?;
     let spec = CaCertificateSpec {
         common_name: &config.ca.common_name,
@@ -378,12 +412,7 @@ pub async fn install_prepared(
     chain: CaChain,
     activate_after: Duration,
 ) -> anyhow::Result<Rotated> {
-    let voters = issuance.replica().status().voters.len();
-    if config.hsm.kek_label.is_none() && voters > 1 {
-        bail!(
-            "this cluster has {voters} voters but hsm.kek_label is not set, so the key could not reach the other nodes"
-        );
-    }
+    require_kek_for_cluster(&config, &issuance)?;
     let checked_chain = chain.clone();
     let label = key_label.clone();
     let wrapped_key = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<u8>> {
@@ -392,31 +421,11 @@ pub async fn install_prepared(
         })?;
         let signer = HsmSigner::new(hsm.clone(), key.clone())?;
         check_chain(&signer, &checked_chain).context("check the signed chain against the prepared key")?;
-        match &config.hsm.kek_label {
-            Some(kek_label) => Ok(hsm.wrap_key(kek_label, &key).context("wrap the CA key")?.encode().to_vec()),
-            None => Ok(Vec::new()),
-        }
+        wrap_for_cluster(&config, &hsm, &key)
     })
     .await??;
 
-    let now = OffsetDateTime::now_utc().unix_timestamp();
-    let activate_at = now + i64::try_from(activate_after.as_secs().max(1)).unwrap_or(i64::MAX);
-    let intermediate_der = chain.intermediates_der.first().cloned().context("no intermediate given")?;
-    let root_der = chain.roots_der.first().cloned().context("no root given")?;
-    let command = Command::install_ca(InstallCa {
-        key_label: key_label.clone(),
-        intermediates_der: chain.intermediates_der,
-        roots_der: chain.roots_der,
-        installed_at_unix: now,
-        activate_at_unix: activate_at,
-        wrapped_key,
-    });
-    let result = issuance.replica().write(sigil_raft::RequestId::random(), &command).await.map_err(write_error)?;
-    let CommandResult::CaInstalled { version, .. } = result else {
-        bail!("installing the CA version returned {result:?}");
-    };
-    info!(version, key_label, activate_at, "installed a CA version signed by the offline root");
-    Ok(Rotated { version, activate_at, intermediate_der, root_der })
+    install_version(&issuance, key_label, chain, wrapped_key, activate_after).await
 }
 
 /// Marks the root whose DER has SHA-256 `fingerprint` as tainted. Returns the version that signs
@@ -496,21 +505,21 @@ mod tests {
     }
 
     #[test]
-    fn the_newest_active_version_signs() {
+    fn select_signing_newest_active() {
         let versions = [version(1, 0, 1, 100), version(2, 5_000, 2, 100)];
         assert_eq!(select_signing(&versions, 1_000, |_| false).map(|v| v.version), Some(1));
         assert_eq!(select_signing(&versions, 5_000, |_| false).map(|v| v.version), Some(2));
     }
 
     #[test]
-    fn a_tainted_root_brings_the_prepared_version_forward() {
+    fn select_signing_after_taint() {
         let versions = [version(1, 0, 1, 100), version(2, 5_000, 2, 100)];
         assert_eq!(select_signing(&versions, 1_000, |root| root == [1]).map(|v| v.version), Some(2));
         assert_eq!(select_signing(&versions, 1_000, |_| true).map(|v| v.version), None);
     }
 
     #[test]
-    fn an_expired_intermediate_never_signs() {
+    fn select_signing_skips_expired() {
         let versions = [version(1, 0, 1, 100), version(2, 0, 2, 1)];
         let now = 2 * 86_400;
         assert_eq!(select_signing(&versions, now, |_| false).map(|v| v.version), Some(1));

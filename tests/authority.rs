@@ -29,7 +29,7 @@ async fn authority(cluster: &DevCluster, node: u64, credential: &str) -> Authori
     AuthorityClient::new(channel)
 }
 
-/// A CSR shaped like SPIRE's: a P-256 key, one URI SAN with the trust domain's ID, and the subject
+/// Builds a CSR shaped like SPIRE's: a P-256 key, one URI SAN with the trust domain's ID, and the subject
 /// C=US, O=SPIFFE with a serialNumber attribute.
 fn spire_csr(uri: &str) -> (rcgen::KeyPair, Vec<u8>) {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("generate key");
@@ -58,9 +58,9 @@ async fn upstream_authority_on_a_three_node_cluster() {
     let work = tempfile::tempdir().expect("temporary folder");
 
     mint_a_spire_shaped_ca(&cluster, work.path()).await;
-    refuse_bad_mints(&cluster, work.path()).await;
+    reject_invalid_mints(&cluster, work.path()).await;
     share_jwt_authorities_and_watch(&cluster).await;
-    refuse_bad_jwt_authorities(&cluster).await;
+    reject_invalid_jwt_authorities(&cluster).await;
     serve_istio_agents(&cluster, work.path()).await;
 }
 
@@ -91,7 +91,9 @@ async fn mint_a_spire_shaped_ca(cluster: &DevCluster, work: &Path) {
     assert!(constraints.ca, "cA is TRUE");
     assert_eq!(constraints.path_len_constraint, Some(0), "default path length 0");
     let usage = ca.key_usage().expect("keyUsage").expect("present").value;
-    assert!(usage.key_cert_sign() && usage.crl_sign() && usage.digital_signature());
+    assert!(usage.key_cert_sign(), "keyCertSign is set");
+    assert!(usage.crl_sign(), "cRLSign is set");
+    assert!(usage.digital_signature(), "digitalSignature is set");
     assert_eq!(usage.flags & !0b0110_0001, 0, "no key usage beyond keyCertSign, cRLSign, digitalSignature");
     let uris: Vec<String> = ca
         .subject_alternative_name()
@@ -107,7 +109,8 @@ async fn mint_a_spire_shaped_ca(cluster: &DevCluster, work: &Path) {
         .collect();
     assert_eq!(uris, ["spiffe://example.org"]);
     let subject = ca.subject().to_string();
-    assert!(subject.contains("O=SPIFFE") && subject.contains("C=US"), "{subject}");
+    assert!(subject.contains("O=SPIFFE"), "{subject}");
+    assert!(subject.contains("C=US"), "{subject}");
     assert!(subject.contains(&minted.serial), "the subject is unique per CA: {subject} has serial {}", minted.serial);
     let lifetime = minted.not_after - time::OffsetDateTime::now_utc().unix_timestamp();
     assert!((3500..=3601).contains(&lifetime), "lifetime {lifetime}s follows the preferred TTL");
@@ -151,7 +154,7 @@ async fn mint_a_spire_shaped_ca(cluster: &DevCluster, work: &Path) {
     assert!((604_700..=604_801).contains(&lifetime), "lifetime {lifetime}s is the policy maximum");
 }
 
-/// A CSR built with openssl from `addext` entries such as "basicConstraints=critical,CA:FALSE".
+/// Builds a CSR with openssl from `addext` entries such as "basicConstraints=critical,CA:FALSE".
 fn openssl_ca_csr(work: &Path, name: &str, addext: &[&str]) -> Vec<u8> {
     common::openssl_csr(work, name, "ec", &["ec_paramgen_curve:P-256"], addext)
 }
@@ -172,7 +175,7 @@ impl<'a> MintCase<'a> {
     }
 }
 
-async fn refuse_bad_mints(cluster: &DevCluster, work: &Path) {
+async fn reject_invalid_mints(cluster: &DevCluster, work: &Path) {
     let stranger = stranger_credential(cluster).await;
     let cases = vec![
         MintCase::new(
@@ -340,7 +343,7 @@ async fn share_jwt_authorities_and_watch(cluster: &DevCluster) {
     assert!(nothing.is_err(), "republishing an unchanged key sends no bundle: {nothing:?}");
 }
 
-async fn refuse_bad_jwt_authorities(cluster: &DevCluster) {
+async fn reject_invalid_jwt_authorities(cluster: &DevCluster) {
     let mut empty_key = jwt_key("bad-key", 3600);
     empty_key.public_key = b"not a public key".to_vec();
     let mut taken = jwt_key("server-a-key", 3600);

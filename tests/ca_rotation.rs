@@ -63,6 +63,13 @@ async fn rotation_publishes_then_switches_then_taints() {
     let old_root = first.x509_authorities[0].certificate.clone();
 
     let mut admin = AdminClient::new(cluster.channel(2).await);
+    let status = admin
+        .rotate_ca(RotateCaRequest { activate_after_seconds: ACTIVATE_AFTER, validity_seconds: 60 })
+        .await
+        .expect_err("a one-minute intermediate is too short");
+    assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+    assert!(status.message().contains("validity_seconds 60"), "{}", status.message());
+
     let rotated = admin
         .rotate_ca(RotateCaRequest { activate_after_seconds: ACTIVATE_AFTER, validity_seconds: 30 * 24 * 3600 })
         .await
@@ -74,7 +81,8 @@ async fn rotation_publishes_then_switches_then_taints() {
     let published = next_bundle(&mut stream).await;
     let roots: Vec<&Vec<u8>> = published.x509_authorities.iter().map(|root| &root.certificate).collect();
     assert_eq!(roots.len(), 2, "the new root joins the bundle");
-    assert!(roots.contains(&&old_root) && roots.contains(&&rotated.root), "old and new roots are both published");
+    assert!(roots.contains(&&old_root), "the old root stays published");
+    assert!(roots.contains(&&rotated.root), "the new root is published");
     assert_eq!(
         signing_intermediate(&cluster, 1).await,
         old_intermediate,
